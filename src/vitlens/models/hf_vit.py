@@ -1,0 +1,90 @@
+"""Adapter for Hugging Face ``ViTForImageClassification`` (and ``DeiTForImageClassification``-like
+models sharing the ViT layer layout). Supports the transformers 4.x (``encoder.layer``,
+``attention.attention.query``) and 5.x (``layers``, ``attention.q_proj``) module layouts."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModelError
+from .base import ViTAdapter
+from .blocks import BlockSpec, separate_qkv
+
+
+def _hf_layer_spec(layer: nn.Module, num_heads: int) -> BlockSpec:
+    att = layer.attention
+    if hasattr(att, "q_proj"):  # transformers >= 5
+        q, k, v, proj = att.q_proj, att.k_proj, att.v_proj, att.o_proj
+        fc1, act, fc2 = layer.mlp.fc1, layer.mlp.activation_fn, layer.mlp.fc2
+        mlp = layer.mlp
+    elif hasattr(att, "attention") and hasattr(att.attention, "query"):  # transformers 4.x
+        q, k, v = att.attention.query, att.attention.key, att.attention.value
+        proj = att.output.dense
+        fc1, act, fc2 = layer.intermediate.dense, layer.intermediate.intermediate_act_fn, layer.output.dense
+
+        def mlp(h: Tensor) -> Tensor:
+            return fc2(act(fc1(h)))
+    else:
+        raise UnsupportedModelError(f"Hugging Face layer {type(layer).__name__} has no recognised attention layout.")
+
+    def attn_out(ctx: Tensor, h: Tensor) -> Tensor:
+        return proj(ctx)
+
+    return BlockSpec(
+        norm1=layer.layernorm_before, norm2=layer.layernorm_after, mlp=mlp,
+        qkv=separate_qkv(q, k, v, num_heads), attn_out=attn_out, num_heads=num_heads,
+        scale=float((q.out_features // num_heads) ** -0.5), module=layer,
+        modules=dict(norm1=layer.layernorm_before, q=q, k=k, v=v, proj=proj,
+                     norm2=layer.layernorm_after, fc1=fc1, act=act, fc2=fc2),
+    )
+
+
+class HFViTAdapter(ViTAdapter):
+    """Hugging Face ``ViTForImageClassification``: CLS token, classifier on the CLS token."""
+
+    family = "hf"
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        m = module
+        body = getattr(m, "vit", None) or getattr(m, "deit", None)
+        if body is None or not hasattr(body, "embeddings") or not hasattr(m, "classifier"):
+            raise UnsupportedModelError(f"{type(m).__name__} is not a Hugging Face ViT image classifier "
+                                        "(needs .vit.embeddings and .classifier).")
+        self.body = body
+        cfg = m.config
+        layers = getattr(body, "layers", None)
+        if layers is None:
+            layers = body.encoder.layer
+        if hasattr(body.embeddings, "distillation_token"):
+            raise UnsupportedModelError("Hugging Face distilled DeiT is not supported; use timm's deit models.")
+        self.blocks = [_hf_layer_spec(layer, cfg.num_attention_heads) for layer in layers]
+        ps = cfg.patch_size
+        self.patch_size = (ps, ps) if isinstance(ps, int) else tuple(ps)
+        isz = cfg.image_size
+        self.input_size = (isz, isz) if isinstance(isz, int) else tuple(isz)
+        self.prefix_names = ["cls"]
+        self.pool = "cls"
+        self.name = getattr(cfg, "_name_or_path", "") or type(m).__name__
+        self.mean = (0.5, 0.5, 0.5)
+        self.std = (0.5, 0.5, 0.5)
+        self.crop_pct = 1.0
+        self.interpolation = "bilinear"
+        id2label = getattr(cfg, "id2label", None) or {}
+        n = cfg.num_labels
+        self.class_names = [str(id2label.get(i, id2label.get(str(i), f"class {i}"))) for i in range(n)]
+
+    def embed(self, x: Tensor) -> Tensor:
+        emb = self.body.embeddings
+        t = emb.patch_embeddings(x.to(emb.patch_embeddings.projection.weight.dtype))
+        cls = emb.cls_token.expand(t.shape[0], -1, -1)
+        t = torch.cat([cls, t], dim=1)
+        h, w = x.shape[-2:]
+        if (h, w) != self.input_size:
+            t = t + emb.interpolate_pos_encoding(t, h, w)
+        else:
+            t = t + emb.position_embeddings
+        return emb.dropout(t)
+
+    def head(self, tokens: Tensor) -> Tensor:
+        return self.module.classifier(self.body.layernorm(tokens)[:, 0])

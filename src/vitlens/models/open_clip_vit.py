@@ -1,0 +1,129 @@
+"""Adapter for open_clip CLIP models with a ``VisionTransformer`` image tower.
+
+Outputs are image embeddings; targets are text prompts (cosine similarity with the prompt's
+normalised text embedding) or, when a class vocabulary is set (``class_names`` with a prompt
+template, zero-shot classification), class indices scored by ``logit_scale * cosine`` logits.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import TargetError, UnsupportedModelError
+from .base import ViTAdapter
+from .targets import Target
+from .torchvision_vit import _mha_block_spec
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class OpenCLIPAdapter(ViTAdapter):
+    """open_clip ``CLIP`` / ``CustomTextCLIP`` whose ``visual`` is an open_clip ``VisionTransformer``."""
+
+    family = "open_clip"
+    supports_text = True
+
+    def __init__(self, module: nn.Module, tokenizer: Optional[Callable] = None,
+                 class_names: Optional[Sequence[str]] = None, template: str = "a photo of a {}."):
+        super().__init__(module)
+        v = getattr(module, "visual", None)
+        if v is None or not hasattr(module, "encode_text"):
+            raise UnsupportedModelError(f"{type(module).__name__} is not an open_clip CLIP model (needs .visual and .encode_text).")
+        for need in ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post"):
+            if not hasattr(v, need):
+                raise UnsupportedModelError(
+                    f"open_clip image tower {type(v).__name__} is not a VisionTransformer (no '{need}'); "
+                    "timm-backed towers (e.g. SigLIP) are wrapped through their timm trunk.")
+        if getattr(v, "attn_pool", None) is not None:
+            raise UnsupportedModelError("open_clip VisionTransformer with an attentional pooler (CoCa) is not supported.")
+        self.visual = v
+        specs = []
+        for blk in v.transformer.resblocks:
+            if not isinstance(getattr(blk, "attn", None), nn.MultiheadAttention) or hasattr(blk, "ln_attn"):
+                raise UnsupportedModelError(f"open_clip block {type(blk).__name__} (custom attention) is not supported.")
+            mlp = blk.mlp
+            specs.append(_mha_block_spec(blk, blk.ln_1, blk.attn, blk.ln_2, mlp, mlp.c_fc, mlp.gelu,
+                                         mlp.c_proj, blk.ls_1, blk.ls_2))
+        self.blocks = specs
+        ps = v.conv1.kernel_size
+        self.patch_size = (ps[0], ps[1])
+        gs = v.grid_size
+        self.input_size = (gs[0] * ps[0], gs[1] * ps[1])
+        self.prefix_names = ["cls"]
+        self.pool = {"tok": "cls", "avg": "avg"}.get(getattr(v, "pool_type", "tok"), getattr(v, "pool_type", "tok"))
+        self.final_ln_after_pool = bool(getattr(v, "final_ln_after_pool", False))
+        self.mean, self.std = OPENAI_MEAN, OPENAI_STD
+        self.crop_pct = 1.0
+        self.interpolation = "bicubic"
+        if tokenizer is None:
+            import open_clip
+
+            tokenizer = open_clip.tokenize
+        self.tokenizer = tokenizer
+        self.template = template
+        self._class_text: Optional[Tensor] = None
+        if class_names is not None:
+            self.set_classes(class_names, template)
+
+    # ---------------------------------------------------------------- vocabulary
+    def set_classes(self, class_names: Sequence[str], template: str = "a photo of a {}.") -> None:
+        """Use ``class_names`` (prompted with ``template``) as a zero-shot class vocabulary."""
+        self.class_names = list(class_names)
+        self.template = template
+        self._class_text = self.encode_text([template.format(c) for c in self.class_names])
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        return F.normalize(self.module.encode_text(tokens).float(), dim=-1)
+
+    # ---------------------------------------------------------------- forward pieces
+    def embed(self, x: Tensor) -> Tensor:
+        v = self.visual
+        t = v.conv1(x)
+        t = t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(t.dtype).reshape(1, 1, -1).expand(t.shape[0], -1, -1)
+        t = torch.cat([cls, t], dim=1) + v.positional_embedding.to(t.dtype)
+        t = v.patch_dropout(t)
+        return v.ln_pre(t)
+
+    def head(self, tokens: Tensor) -> Tensor:
+        v = self.visual
+        if self.final_ln_after_pool:
+            pooled = v.ln_post(tokens[:, 1:].mean(1) if self.pool == "avg" else tokens[:, 0])
+        else:
+            t = v.ln_post(tokens)
+            pooled = t[:, 1:].mean(1) if self.pool == "avg" else t[:, 0]
+        return pooled @ v.proj if v.proj is not None else pooled
+
+    # ---------------------------------------------------------------- scores
+    @property
+    def logit_scale(self) -> Tensor:
+        ls = getattr(self.module, "logit_scale", None)
+        return ls.exp() if ls is not None else torch.tensor(100.0)
+
+    def class_logits(self, outputs: Tensor) -> Tensor:
+        if self._class_text is None:
+            raise TargetError("this CLIP model has no class vocabulary: call set_classes(names) or use text prompts.")
+        img = F.normalize(outputs.float(), dim=-1)
+        return self.logit_scale.to(img.device) * img @ self._class_text.to(img.device).T
+
+    def score(self, outputs: Tensor, target: Target, kind: str = "auto") -> Tensor:
+        if not target.any_text:
+            if kind == "similarity":
+                img = F.normalize(outputs.float(), dim=-1)
+                txt = self._class_text.to(img.device)[target.index.to(img.device)]
+                return (img * txt).sum(-1)
+            return super().score(outputs, target, kind)
+        if not bool(target.is_text.all()):
+            raise TargetError("mixing class indices and text prompts in one batch is not supported.")
+        if kind == "prob":
+            raise TargetError("score='prob' is undefined for a free-text prompt (a softmax over one prompt); "
+                              "use 'similarity' or 'logit', or set a class vocabulary.")
+        img = F.normalize(outputs.float(), dim=-1)
+        sim = (img * target.text.to(img.device, img.dtype)).sum(-1)
+        return sim * self.logit_scale.to(img.device) if kind == "logit" else sim

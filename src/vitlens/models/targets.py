@@ -1,0 +1,81 @@
+"""What is being explained: class indices or text prompts, and the score read from the model.
+
+A user gives ``target`` as ``None`` (the predicted class), an int, a list of ints (one per image),
+a class name, or, for CLIP-style models, a text prompt (or a list of them). The adapter resolves it
+once per call into a :class:`Target`, which methods then repeat to match their batches of masked
+inputs and hand back to :meth:`ViTAdapter.score`.
+
+Score kinds (``score=`` in the methods):
+
+* ``"prob"``  softmax probability of the class (the default of TIS, ViT-CX and the metrics);
+* ``"logit"`` the pre-softmax class logit (for CLIP: ``logit_scale * cosine``);
+* ``"similarity"`` cosine similarity between the image embedding and the prompt's text embedding
+  (CLIP-style models only);
+* ``"auto"`` ``prob`` for classes, ``similarity`` for free-text prompts (a softmax over a single prompt
+  is meaningless).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+TargetLike = Union[None, int, str, Sequence[Union[int, str]], Tensor]
+SCORE_KINDS = ("auto", "prob", "logit", "similarity")
+
+
+@dataclass
+class Target:
+    """Resolved targets of a batch.
+
+    ``index`` holds class indices (-1 where the target is a free-text prompt), ``text`` the
+    L2-normalised text embeddings (B, E) of prompt targets (``None`` for pure class targets),
+    ``labels`` a human-readable label per image.
+    """
+
+    index: Tensor
+    labels: list[str]
+    text: Optional[Tensor] = None
+    is_text: Tensor = field(default=None)  # (B,) bool
+
+    def __post_init__(self) -> None:
+        if self.is_text is None:
+            self.is_text = torch.zeros(len(self.index), dtype=torch.bool, device=self.index.device)
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def any_text(self) -> bool:
+        return bool(self.is_text.any())
+
+    def repeat_interleave(self, n: int) -> "Target":
+        """Each target repeated ``n`` times in a row (for ``n`` perturbed copies of each image)."""
+        return Target(
+            index=self.index.repeat_interleave(n),
+            labels=[lab for lab in self.labels for _ in range(n)],
+            text=None if self.text is None else self.text.repeat_interleave(n, dim=0),
+            is_text=self.is_text.repeat_interleave(n),
+        )
+
+    def select(self, idx: Union[Tensor, Sequence[int], slice]) -> "Target":
+        """The targets at batch positions ``idx``."""
+        if isinstance(idx, slice):
+            pos = list(range(len(self)))[idx]
+        elif isinstance(idx, Tensor):
+            pos = idx.tolist()
+        else:
+            pos = list(idx)
+        t = torch.as_tensor(pos, dtype=torch.long, device=self.index.device)
+        return Target(
+            index=self.index[t],
+            labels=[self.labels[i] for i in pos],
+            text=None if self.text is None else self.text[t.to(self.text.device)],
+            is_text=self.is_text[t],
+        )
+
+    def to(self, device: Union[str, torch.device]) -> "Target":
+        return Target(self.index.to(device), list(self.labels),
+                      None if self.text is None else self.text.to(device), self.is_text.to(device))

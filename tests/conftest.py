@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny randomly initialised models of every supported family, and the real
+ViT-Ti + images from ../shared for integration tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VITLENS_NO_PROGRESS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VITLENS_SHARED", REPO.parent / "shared"))
+REAL_MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+IMG = 64  # tiny models take 64x64 inputs: a 4x4 patch grid with 16x16 patches
+
+
+def _seeded(fn):
+    torch.manual_seed(0)
+    return fn()
+
+
+def tiny_timm(variant: str = "vit", **kw):
+    import timm
+
+    base = dict(pretrained=False, img_size=IMG, depth=2, num_classes=10)
+    base.update(kw)
+    name = {"vit": "vit_tiny_patch16_224", "deit_distilled": "deit_tiny_distilled_patch16_224"}.get(variant, variant)
+    return _seeded(lambda: timm.create_model(name, **base).eval())
+
+
+def tiny_torchvision():
+    import torchvision
+
+    return _seeded(lambda: torchvision.models.VisionTransformer(
+        image_size=IMG, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10).eval())
+
+
+def tiny_hf():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=IMG, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, num_labels=10)
+    return _seeded(lambda: ViTForImageClassification(cfg).eval())
+
+
+def tiny_open_clip():
+    import open_clip
+
+    return _seeded(lambda: open_clip.CLIP(
+        embed_dim=16, vision_cfg=dict(image_size=IMG, patch_size=16, width=32, layers=2, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval())
+
+
+TINY_FACTORIES = {
+    "timm_vit": lambda: tiny_timm("vit"),
+    "timm_avgpool": lambda: tiny_timm("vit", class_token=False, global_pool="avg"),
+    "timm_registers": lambda: tiny_timm("vit", reg_tokens=4),
+    "timm_deit_distilled": lambda: tiny_timm("deit_distilled"),
+    "torchvision": tiny_torchvision,
+    "hf": tiny_hf,
+    "open_clip": tiny_open_clip,
+}
+
+
+@pytest.fixture(params=sorted(TINY_FACTORIES))
+def tiny_family(request):
+    """(family name, adapter) for each tiny model family."""
+    import vitlens
+
+    return request.param, vitlens.wrap_model(TINY_FACTORIES[request.param]())
+
+
+@pytest.fixture
+def tiny_vit():
+    import vitlens
+
+    return vitlens.wrap_model(tiny_timm("vit"))
+
+
+@pytest.fixture
+def tiny_clip():
+    import vitlens
+
+    return vitlens.wrap_model(tiny_open_clip())
+
+
+@pytest.fixture
+def images():
+    """A fixed (2, 3, 64, 64) batch."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, IMG, IMG, generator=g)
+
+
+def _shared_ready() -> bool:
+    return (SHARED / "models").is_dir() and (SHARED / "data" / "imagenet-val-sample").is_dir()
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    if not _shared_ready():
+        pytest.skip(f"../shared not found at {SHARED}: integration tests need the real ViT-Ti")
+    import vitlens
+
+    return vitlens.load_model(REAL_MODEL, weights=str(SHARED / "models"))
+
+
+@pytest.fixture(scope="session")
+def shared_pointing(real_model):
+    """(dataset, kept indices, box masks, coverage) for the images whose boxes cover <= half the crop."""
+    from vitlens.data import ImageNetBoxes
+
+    ds = ImageNetBoxes(SHARED / "data" / "imagenet-val-sample")
+    idx = list(range(len(ds)))
+    cov = ds.box_coverage(idx, real_model.input_size, real_model.crop_pct)
+    keep = [i for i in idx if cov[i] <= 0.5]
+    return ds, keep, ds.box_masks(keep, real_model.input_size, real_model.crop_pct), cov[keep]

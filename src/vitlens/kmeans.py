@@ -4,7 +4,8 @@ Runs on the tensors' device, one independent clustering per batch element. Lloyd
 Euclidean distance, as the TIS reference code (``fast_pytorch_kmeans``): initial centroids are
 ``k`` distinct data points drawn at random (``init="random"``, the reference) or chosen by k-means++
 (``init="k-means++"``); at most ``max_iter`` iterations; an image stops when the summed squared
-shift of its centroids is at most ``tol``. Ties in the assignment go to the lowest centroid index.
+shift of its centroids is at most ``tol``. Ties in the assignment go to the lowest centroid index. Each point set of a batch is initialised from
+its own generator seeded with ``seed``, so a result does not depend on the batch it was computed in.
 Empty clusters keep their previous centroid (the reference resets them to the zero vector;
 ``empty="zero"`` reproduces that).
 """
@@ -29,14 +30,19 @@ def assign(points: Tensor, centroids: Tensor) -> Tensor:
     return _sq_dists(points, centroids).argmin(-1)
 
 
-def _init_random(points: Tensor, k: int, g: torch.Generator) -> Tensor:
+def _init_random(points: Tensor, k: int, seed: Optional[int]) -> Tensor:
     B, n, _ = points.shape
-    idx = torch.stack([torch.randperm(n, generator=g, device=g.device)[:k] for _ in range(B)]).to(points.device)
+    # one generator per point set, seeded identically: an image gets the same initialisation
+    # whatever batch it is explained in
+    idx = torch.stack([torch.randperm(n, generator=make_generator(seed))[:k] for _ in range(B)]).to(points.device)
     return torch.gather(points, 1, idx[..., None].expand(-1, -1, points.shape[-1])).clone()
 
 
-def _init_plusplus(points: Tensor, k: int, g: torch.Generator) -> Tensor:
+def _init_plusplus(points: Tensor, k: int, seed: Optional[int]) -> Tensor:
     B, n, d = points.shape
+    if B > 1:
+        return torch.cat([_init_plusplus(points[b:b + 1], k, seed) for b in range(B)])
+    g = make_generator(seed)
     first = torch.randint(n, (B,), generator=g, device=g.device).to(points.device)
     cents = [points[torch.arange(B, device=points.device), first]]
     best = ((points - cents[0][:, None]) ** 2).sum(-1)
@@ -75,8 +81,7 @@ def kmeans(points: Tensor, k: int, *, max_iter: int = 100, tol: float = 1e-4, in
         raise InputError(f"unknown empty-cluster rule '{empty}' (use 'keep' or 'zero').")
     points = points.float()
     if centroids is None:
-        g = make_generator(seed, "cpu")
-        centroids = _init_random(points, k, g) if init == "random" else _init_plusplus(points, k, g)
+        centroids = _init_random(points, k, seed) if init == "random" else _init_plusplus(points, k, seed)
     else:
         centroids = centroids.float().clone()
     active = torch.ones(B, dtype=torch.bool, device=points.device)

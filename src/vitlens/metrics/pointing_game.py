@@ -5,7 +5,12 @@ ground-truth boxes of the target class, on the model's input grid. Images whose 
 ``max_box_fraction`` (0.5) of the image are excluded (their value is NaN). With ``tolerance`` > 0
 (TorchRay uses 15 px) a hit is any box pixel within that Euclidean distance of a maximum. When the
 maximum is attained at several pixels the image is a hit only if *all* of them are inside
-(so a constant map never counts as a hit by luck).
+(so a constant map never counts as a hit by luck). An all-zero map is constant: never a hit.
+
+``variant="energy"`` is the energy-based pointing game (Wang et al., "Score-CAM", CVPRW 2020, Sec. 4.3):
+the share of the map's positive mass inside the boxes, sum_{p in box} max(L_p, 0) / sum_p max(L_p, 0)
+(0 for a map with no positive mass); the same exclusion rule applies. Images with no box pixel at all
+are excluded too.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
+from .base import MetricResult, check_maps, register_metric
 
 
 def _dilate(mask: Tensor, radius: float) -> Tensor:
@@ -56,10 +62,58 @@ def pointing_hits(maps: Tensor, boxes: Tensor, *, tolerance: float = 0.0,
     return torch.where(excl, torch.full_like(out, float("nan")), out)
 
 
-def pointing_game(model, x: Tensor, maps: Tensor, targets=None, *, boxes: Tensor, tolerance: float = 0.0,
-                  max_box_fraction: Optional[float] = 0.5, coverage: Optional[Tensor] = None) -> Tensor:
-    """Pointing-game hits per image (NaN = excluded); ``nanmean`` gives the hit rate.
+def pointing_energy(maps: Tensor, boxes: Tensor, *, max_box_fraction: Optional[float] = 0.5,
+                    coverage: Optional[Tensor] = None) -> Tensor:
+    """Per-image energy-based pointing score in [0, 1] (NaN = excluded); see the module docstring."""
+    if maps.shape != boxes.shape:
+        raise InputError(f"maps {tuple(maps.shape)} and box masks {tuple(boxes.shape)} differ in shape.")
+    maps = maps.float()
+    if not torch.isfinite(maps).all():
+        raise InputError("saliency maps contain NaN or infinite values.")
+    boxes = boxes.bool().to(maps.device)
+    pos = maps.clamp_min(0).reshape(maps.shape[0], -1).double()
+    inside = boxes.reshape(boxes.shape[0], -1)
+    total = pos.sum(1)
+    inner = (pos * inside).sum(1)
+    out = torch.where(total > 0, inner / total.clamp_min(1e-300), torch.zeros_like(total)).float()
+    cover = inside.float().mean(1) if coverage is None else \
+        torch.as_tensor(coverage, dtype=torch.float32, device=maps.device)
+    excl = ~inside.any(1)
+    if max_box_fraction is not None:
+        excl |= cover > max_box_fraction
+    return torch.where(excl, torch.full_like(out, float("nan")), out)
 
-    ``model``, ``x`` and ``targets`` are accepted for the common metric signature; the boxes must be
-    those of the target class."""
-    return pointing_hits(maps, boxes, tolerance=tolerance, max_box_fraction=max_box_fraction, coverage=coverage)
+
+@register_metric("pointing_game", higher_is_better=True, needs=("boxes",))
+def pointing_game(model, x: Tensor, maps, targets=None, *, boxes: Tensor, tolerance: float = 0.0,
+                  max_box_fraction: Optional[float] = 0.5, variant: str = "hit",
+                  coverage: Optional[Tensor] = None, batch_size: Optional[int] = None,
+                  progress: Optional[bool] = None) -> MetricResult:
+    """Pointing game (Zhang et al. 2018) per image: 1 hit, 0 miss, NaN excluded; ``.mean()`` is the hit rate.
+
+    Args:
+        boxes: (B, H, W) bool masks of the union of the ground-truth boxes *of the target class* on the
+            input grid (:meth:`vitlens.data.ImageNetBoxes.box_masks`).
+        tolerance: hit radius in pixels around the maximum (0: the paper's TIS/ViT-CX protocol;
+            TorchRay uses 15).
+        max_box_fraction: exclude images whose boxes cover more than this fraction of the input
+            (0.5, TIS and ViT-CX); ``None`` keeps all.
+        variant: ``"hit"`` (the pointing game) or ``"energy"`` (Score-CAM's energy-based variant).
+        coverage: (B,) exact box-union area fractions used for the exclusion
+            (:meth:`vitlens.data.ImageNetBoxes.box_coverage`); default: the masks' pixel fraction.
+
+    No forward pass: ``model``, ``x`` and ``targets`` are accepted for the common metric signature.
+    Ties at the maximum count as a hit only when every maximal pixel is inside (a constant or all-zero
+    map is never a hit unless the box region covers the whole image).
+    """
+    maps = check_maps(maps, x if isinstance(x, Tensor) else None)
+    boxes = torch.as_tensor(boxes).to(maps.device)
+    if variant == "hit":
+        vals = pointing_hits(maps, boxes, tolerance=tolerance, max_box_fraction=max_box_fraction, coverage=coverage)
+    elif variant == "energy":
+        vals = pointing_energy(maps, boxes, max_box_fraction=max_box_fraction, coverage=coverage)
+    else:
+        raise InputError(f"unknown pointing-game variant '{variant}'; choose 'hit' or 'energy'.")
+    return MetricResult(values=vals.cpu(), protocol=dict(tolerance=tolerance, max_box_fraction=max_box_fraction,
+                                                         variant=variant, ties="all maxima must be inside",
+                                                         exact_coverage=coverage is not None))

@@ -314,3 +314,39 @@ class ViTAdapter:
     def default_score(self, target: Target) -> str:
         """The score kind ``"auto"`` resolves to for these targets."""
         return "similarity" if target.any_text else "prob"
+
+    # ------------------------------------------------------------------ feature maps (added for ViT-CX)
+    #: Hook sites whose value is one vector per token and may serve as a feature map.
+    FEATURE_SITES = ("input", "norm1", "context", "attn_branch", "mid", "norm2", "mlp_branch", "output")
+    #: Hierarchical models (Swin) set this; methods may pick other defaults for them.
+    hierarchical: bool = False
+
+    @property
+    def default_feature_layer(self) -> int:
+        """The block whose tokens serve as feature maps by default (the last block)."""
+        return self.num_blocks - 1
+
+    def feature_maps(self, x: Tensor, layer: Optional[int] = None, site: str = "output") -> tuple[Tensor, Tensor]:
+        """One forward pass returning ``(outputs, features)``.
+
+        ``features`` (B, D, gh, gw) are the patch tokens (prefix tokens dropped) of block ``layer``
+        (default :attr:`default_feature_layer`; negative counts from the end) at hook ``site`` (one of
+        :attr:`FEATURE_SITES`), reshaped to the patch grid; ``outputs`` are the model's outputs.
+        """
+        if site not in self.FEATURE_SITES:
+            raise InputError(f"feature site '{site}' is not one of {', '.join(self.FEATURE_SITES)}.")
+        n = self.num_blocks
+        layer = self.default_feature_layer if layer is None else int(layer)
+        if not -n <= layer < n:
+            raise InputError(f"layer {layer} is out of range for {self.describe()} (0..{n - 1} or negative).")
+        layer %= n
+        got: list[Tensor] = []
+
+        def grab(l: int, t: Tensor) -> None:
+            if l == layer:
+                got.append(t)
+
+        outputs = self.forward(x, hooks={site: grab})
+        gh, gw = self.grid_size(x)
+        tok = got[0][:, self.num_prefix_tokens:]
+        return outputs, tok.transpose(1, 2).reshape(tok.shape[0], tok.shape[2], gh, gw)

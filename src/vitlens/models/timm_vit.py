@@ -105,6 +105,54 @@ class TimmViTAdapter(ViTAdapter):
         m = self.module
         return m.forward_head(m.norm(tokens))
 
+    # ------------------------------------------------------------------ attentional pooler (additive)
+    @property
+    def pool_prefix_columns(self) -> int:
+        """How many prefix tokens lead the columns of the pooler's attention (0 when timm drops them
+        before pooling, the default)."""
+        m = self.module
+        return self.num_prefix_tokens if getattr(m, "pool_include_prefix", False) else 0
+
+    def head_with_pool_attention(self, tokens: Tensor, attn_hook=None) -> Tensor:
+        """:meth:`head` for ``pool == "map"`` models (timm ``AttentionPoolLatent``, as in SigLIP) with
+        the pooler's attention computed explicitly.
+
+        ``attn_hook(probs)`` receives the pooler's post-softmax attention (B, heads, latent_len, N_in)
+        (``N_in`` = the tokens fed to the pooler: patch tokens, led by :attr:`pool_prefix_columns`
+        prefix tokens) and may return a replacement (e.g. a leaf that requires grad). Equal to
+        :meth:`head` up to float error; nothing is modified in place.
+        """
+        from .blocks import attention_probs
+
+        m = self.module
+        pool = getattr(m, "attn_pool", None)
+        if pool is None:
+            raise UnsupportedModelError(f"{self.describe()} has no attentional pooler (pool='{self.pool}').")
+        x = m.norm(tokens)
+        if not getattr(m, "pool_include_prefix", False):
+            x = x[:, self.num_prefix_tokens:]
+        B, N, C = x.shape
+        if pool.pos_embed is not None:
+            x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+        H, hd, L = pool.num_heads, pool.head_dim, pool.latent_len
+        q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, L, H, hd).transpose(1, 2)
+        k, v = pool.kv(x).reshape(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = pool.q_norm(q), pool.k_norm(k)
+        probs = attention_probs(q, k, pool.scale)
+        if attn_hook is not None:
+            out = attn_hook(probs)
+            probs = probs if out is None else out
+        y = (probs @ v).transpose(1, 2).reshape(B, L, H * hd)
+        y = pool.proj_drop(pool.proj(y))
+        if pool.mlp is not None:
+            y = y + pool.mlp(pool.norm(y))
+        if pool.pool == "token":
+            y = y[:, 0]
+        elif pool.pool == "avg":
+            y = y.mean(1)
+        y = m.head_drop(m.fc_norm(y))
+        return m.head(y)
+
 
 def _imagenet_names() -> list[str]:
     """The 1000 ImageNet-1k class descriptions in index order (from timm's bundled metadata)."""

@@ -1,0 +1,122 @@
+"""The ``bench`` and ``report`` subcommands (wired into ``vitlens`` by :mod:`vitlens.cli`, and run
+standalone by ``python -m vitlens.bench``, which is what ``torchrun -m vitlens.bench`` launches)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from ..errors import VitlensError
+
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", help="JSON or TOML file with the same keys as these options")
+    p.add_argument("--preset", help="tis-vit | tis-deit | vitcx | legrad-vit | default (see vitlens.bench.presets)")
+    p.add_argument("--model", help="model name (timm by default; torchvision:/hf:/open_clip: prefixes)")
+    p.add_argument("--weights", help="weights file or folder, or 'random' (default: VITLENS_WEIGHTS, then the hub)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="K=V",
+                   help="constructor argument for the model, e.g. depth=2 (repeatable)")
+    p.add_argument("--data", help="ImageNet validation folder (LOC_val_solution.csv + images/) or a folder of images")
+    p.add_argument("--methods", help="comma-separated method names (see `vitlens methods`)")
+    p.add_argument("--method-param", action="append", default=[], metavar="METHOD.K=V",
+                   help="method parameter, e.g. tis.n_masks=32 (repeatable)")
+    p.add_argument("--metrics", help="comma-separated metrics, e.g. insertion,deletion,pointing_game")
+    p.add_argument("--metric-param", action="append", default=[], metavar="METRIC.K=V",
+                   help="metric protocol parameter, e.g. insertion.n_steps=16 (repeatable)")
+    p.add_argument("--limit", type=int, help="use the first N selected images")
+    p.add_argument("--max-box-fraction", type=float,
+                   help="keep only images whose boxes cover at most this fraction of the crop (e.g. 0.5)")
+    p.add_argument("--target", choices=["label", "predicted"], help="class to explain (default: label)")
+    p.add_argument("--batch-size", type=int, help="images per explain()/metric call and per shard unit (default 8)")
+    p.add_argument("--forward-batch-size", type=int, help="forward passes per batch inside methods/metrics")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--shard", help="i/n: compute only shard i of n (merge with `vitlens report DIR`)")
+    p.add_argument("--resume", dest="resume", action="store_true", default=None,
+                   help="continue an existing output folder (the default)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to reuse an existing folder")
+    p.add_argument("--no-report", dest="report", action="store_false", default=None)
+    p.add_argument("--examples", type=int, help="example images in report.html (default 4)")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", help="output folder (results.sqlite, logs/, results.md/csv, report.html)")
+    p.add_argument("--print-config", action="store_true", help="print the merged configuration and exit")
+    return p
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    from .config import build_config, parse_assignments
+    from .runner import run_bench
+
+    try:
+        cli = dict(model=args.model, weights=args.weights, data=args.data, methods=args.methods,
+                   metrics=args.metrics, limit=args.limit, max_box_fraction=args.max_box_fraction,
+                   target=args.target, batch_size=args.batch_size, forward_batch_size=args.forward_batch_size,
+                   seed=args.seed, device=args.device, threads=args.threads, shard=args.shard, resume=args.resume,
+                   report=args.report, examples=args.examples, progress=args.progress, out=args.out,
+                   preset=args.preset)
+        if args.model_arg:
+            cli["model_args"] = parse_assignments(args.model_arg, "model argument")
+        if args.metric_param:
+            cli["metric_params"] = parse_assignments(args.metric_param, "metric parameter")
+        cli["method_params"] = parse_assignments(args.method_param, "method parameter")
+        cfg = build_config(cli, file=args.config, preset=None if (args.preset or args.config) else "default")
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=1, default=str))
+            return 0
+        summary = run_bench(cfg)
+    except VitlensError as e:
+        print(f"vitlens bench: error: {e}", file=sys.stderr)
+        return 2
+    if "table" in summary.get("report", {}):
+        print(summary["report"]["table"])
+    print(f"{summary['images']} images; computed {summary['maps']} maps and {summary['rows']} rows "
+          f"(shard {summary['shard']}) in {summary['seconds']:.1f} s -> {summary['out']}")
+    return 0
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    try:
+        res = write_report(args.dir, examples=args.examples)
+    except VitlensError as e:
+        print(f"vitlens report: error: {e}", file=sys.stderr)
+        return 2
+    print(res["table"])
+    print(f"wrote {res['markdown']}, {res['csv']}, {res['html']}")
+    return 0
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``bench`` to an ``argparse`` subparsers object (sets ``func``)."""
+    p = subparsers.add_parser("bench", help="run a resumable method x metric benchmark",
+                              description="Run (or resume) a benchmark; results go to OUT/results.sqlite.")
+    add_bench_arguments(p)
+    p.set_defaults(func=bench_main)
+    return p
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``report`` to an ``argparse`` subparsers object (sets ``func``)."""
+    p = subparsers.add_parser("report", help="write results.md, results.csv and report.html of a benchmark folder")
+    p.add_argument("dir", help="benchmark output folder")
+    p.add_argument("--examples", type=int, default=4, help="example images in report.html")
+    p.set_defaults(func=report_main)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m vitlens.bench [bench] ...`` or ``python -m vitlens.bench report DIR``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m vitlens.bench")
+    sub = ap.add_subparsers(dest="command")
+    add_bench_parser(sub)
+    add_report_parser(sub)
+    if not argv or argv[0] not in ("bench", "report", "-h", "--help"):
+        argv = ["bench", *argv]
+    args = ap.parse_args(argv)
+    return int(args.func(args))

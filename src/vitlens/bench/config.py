@@ -1,0 +1,187 @@
+"""The benchmark configuration: from command-line options, a JSON/TOML file, and presets.
+
+A config file holds the same keys as the command line (dashes or underscores)::
+
+    model = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    weights = "../shared/models"
+    data = "../shared/data/imagenet-val-sample"
+    out = "runs/vit-ti"
+    metrics = ["insertion", "deletion", "pointing_game"]
+    limit = 200
+    max_box_fraction = 0.5
+    [methods.tis]            # one table per method entry; keys are the method's parameters
+    n_masks = 1024
+    [methods.tis-fast]       # an entry may name another method, to compare parameter settings
+    method = "tis"
+    n_masks = 32
+    [metric_params.insertion]
+    steps = 56
+
+Precedence: preset < config file < command-line options.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import InputError
+
+
+@dataclass
+class MethodSpec:
+    """One column of the benchmark: a label, the registered method it runs and its parameters."""
+
+    label: str
+    method: str
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchConfig:
+    """Everything that determines a benchmark run (see the module docstring and ``vitlens bench -h``)."""
+
+    out: str = "vitlens-bench"
+    model: str = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    weights: Optional[str] = None
+    model_args: dict = field(default_factory=dict)
+    data: Optional[str] = None
+    methods: list = field(default_factory=list)          # list[MethodSpec] after normalise()
+    metrics: list = field(default_factory=list)          # list[str]
+    metric_params: dict = field(default_factory=dict)    # metric -> protocol overrides
+    limit: Optional[int] = None
+    max_box_fraction: Optional[float] = None             # keep images whose boxes cover <= this fraction
+    target: str = "label"                                # "label" (ground truth) | "predicted"
+    batch_size: int = 8                                  # images per explain()/metric call (the shard unit)
+    forward_batch_size: Optional[int] = None             # forward passes per batch inside methods/metrics
+    seed: int = 0
+    device: str = "auto"
+    threads: Optional[int] = None
+    shard: Optional[str] = None                          # "i/n"
+    resume: bool = True
+    report: bool = True
+    examples: int = 4
+    progress: Optional[bool] = None
+    preset: Optional[str] = None
+
+    def normalise(self) -> "BenchConfig":
+        self.methods = parse_methods(self.methods)
+        if isinstance(self.metrics, str):
+            self.metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
+        if not self.methods:
+            raise InputError("no methods given (use --methods tis,... or a preset).")
+        if not self.metrics:
+            raise InputError("no metrics given (use --metrics insertion,deletion,pointing_game or a preset).")
+        if self.target not in ("label", "predicted"):
+            raise InputError(f"target must be 'label' or 'predicted', got '{self.target}'.")
+        if int(self.batch_size) < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
+        labels = [m.label for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise InputError(f"duplicate method labels: {labels}.")
+        return self
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["methods"] = {m.label: dict(method=m.method, **m.params) for m in parse_methods(self.methods)}
+        return d
+
+
+def parse_methods(methods: Any) -> list[MethodSpec]:
+    """Accept "a,b", ["a", "b"], {"label": {"method": ..., **params}} or MethodSpec objects."""
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    out: list[MethodSpec] = []
+    if isinstance(methods, dict):
+        for label, spec in methods.items():
+            spec = dict(spec or {})
+            method = spec.pop("method", label)
+            params = spec.pop("params", {})
+            params.update(spec)
+            out.append(MethodSpec(str(label), str(method), params))
+        return out
+    for m in methods or []:
+        if isinstance(m, MethodSpec):
+            out.append(m)
+        elif isinstance(m, dict):
+            m = dict(m)
+            method = m.pop("method")
+            label = m.pop("label", method)
+            params = m.pop("params", {})
+            params.update(m)
+            out.append(MethodSpec(label, method, params))
+        else:
+            out.append(MethodSpec(str(m), str(m), {}))
+    return out
+
+
+def read_config_file(path: str) -> dict:
+    """A JSON (``.json``) or TOML (anything else) config file as a dict with underscore keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"config file not found: {p}")
+    text = p.read_text()
+    if p.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise InputError(f"cannot parse TOML config {p}: {e}") from None
+    known = {f.name for f in fields(BenchConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = set(data) - known
+    if unknown:
+        raise InputError(f"unknown key(s) in {p}: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}.")
+    return data
+
+
+def parse_value(v: str) -> Any:
+    """Command-line ``k=v`` values: JSON when it parses (numbers, true/false, lists), else the string."""
+    try:
+        return json.loads(v)
+    except (json.JSONDecodeError, ValueError):
+        return v
+
+
+def parse_assignments(items: list[str], what: str) -> dict:
+    """``["tis.n_masks=32", ...]`` -> ``{"tis": {"n_masks": 32}}``; ``["depth=2"]`` -> ``{"depth": 2}``."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise InputError(f"{what} must look like key=value, got '{item}'.")
+        k, v = item.split("=", 1)
+        if "." in k and what != "model argument":
+            head, sub = k.split(".", 1)
+            out.setdefault(head, {})[sub] = parse_value(v)
+        else:
+            out[k] = parse_value(v)
+    return out
+
+
+def build_config(cli: dict, file: Optional[str] = None, preset: Optional[str] = None) -> BenchConfig:
+    """Merge preset < file < command line (``None`` command-line values do not override)."""
+    from .presets import get_preset
+
+    merged: dict = {}
+    file_data = read_config_file(file) if file else {}
+    preset = cli.get("preset") or file_data.get("preset") or preset
+    if preset:
+        merged.update(get_preset(preset))
+        merged["preset"] = preset
+    merged.update(file_data)
+    method_params = cli.pop("method_params", None) or {}
+    for k, v in cli.items():
+        if v is not None:
+            merged[k] = v
+    cfg = BenchConfig(**merged)
+    cfg.methods = parse_methods(cfg.methods)
+    for spec in cfg.methods:
+        spec.params.update(method_params.get(spec.label, {}))
+    unknown = set(method_params) - {m.label for m in cfg.methods}
+    if unknown:
+        raise InputError(f"--method-param names method(s) not in the run: {', '.join(sorted(unknown))}.")
+    return cfg.normalise()

@@ -1,0 +1,102 @@
+"""How the runner calls metrics: registry lookup, protocol keys, data arguments, result normalisation."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .store import key_of
+
+#: keyword arguments that carry per-image data, not protocol (never part of the protocol key)
+DATA_KWARGS = ("boxes", "coverage")
+RUNTIME_KWARGS = ("batch_size", "progress")
+#: keyword arguments naming the explainer (metrics that re-run it, e.g. max-sensitivity): set per method entry
+METHOD_KWARGS = ("explainer", "method", "method_params")
+
+
+@dataclass
+class BoundMetric:
+    """A metric with its full protocol (defaults + overrides) and the protocol's key."""
+
+    name: str
+    fn: Any
+    higher_is_better: bool
+    needs: tuple
+    protocol: dict
+    key: str
+    accepts: frozenset
+
+    def __call__(self, model, x, maps, targets, data: dict, batch_size: Optional[int],
+                 method: Optional[str] = None, method_params: Optional[dict] = None) -> dict:
+        kwargs = dict(self.protocol)
+        if "method" in self.accepts and method is not None:
+            kwargs["method"] = method
+            kwargs["method_params"] = dict(method_params or {})
+        for k in DATA_KWARGS:
+            if k in self.needs or (k in self.accepts and k in data):
+                if k not in data:
+                    raise InputError(f"metric '{self.name}' needs '{k}', which this dataset does not provide "
+                                     "(give an ImageNet folder with LOC_val_solution.csv).")
+                kwargs[k] = data[k]
+        if "batch_size" in self.accepts:
+            kwargs["batch_size"] = batch_size
+        if "progress" in self.accepts:
+            kwargs["progress"] = False
+        res = self.fn(model, x, maps, targets, **kwargs)
+        values = getattr(res, "values", res)
+        curves = getattr(res, "curves", None)
+        xs = getattr(res, "xs", None)
+        out = dict(values=_np(values).reshape(-1))
+        out["curves"] = None if curves is None else _np(curves)
+        out["xs"] = None if xs is None else _np(xs).reshape(-1)
+        return out
+
+
+def _np(t: Any) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.detach().float().cpu().numpy()
+    return np.asarray(t, dtype=np.float32)
+
+
+def _discover():
+    import importlib
+    import pkgutil
+
+    from .. import metrics
+    from ..metrics import base
+
+    for m in pkgutil.iter_modules(metrics.__path__):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"{metrics.__name__}.{m.name}")
+    return base
+
+
+def available() -> list[str]:
+    base = _discover()
+
+    return base.available_metrics()
+
+
+def bind(name: str, overrides: Optional[dict] = None) -> BoundMetric:
+    """Look up metric ``name`` and fill its protocol: defaults, then ``overrides``."""
+    base = _discover()
+
+    info = base.get_metric(name)
+    unsupported = set(info.needs) - set(DATA_KWARGS)
+    if unsupported:
+        raise InputError(f"metric '{name}' needs {', '.join(sorted(unsupported))}, which vitlens bench does not "
+                         f"provide (it provides: {', '.join(DATA_KWARGS)}).")
+    accepts = frozenset(inspect.signature(info.fn).parameters)
+    protocol = {k: v for k, v in info.defaults.items() if k not in DATA_KWARGS + METHOD_KWARGS}
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(protocol)
+    if unknown:
+        raise InputError(f"unknown protocol parameter(s) for metric '{name}': {', '.join(sorted(unknown))}; "
+                         f"it accepts: {', '.join(sorted(protocol)) or 'none'}.")
+    protocol.update(overrides)
+    return BoundMetric(name, info.fn, bool(info.higher_is_better), tuple(info.needs), protocol,
+                       key_of(dict(metric=name, protocol=protocol)), accepts)

@@ -1,0 +1,52 @@
+"""AttentionCAM: Grad-CAM applied to the heads of the last attention map (LeGrad supplementary
+eq. 10; the ``generate_cam_attn`` baseline of Chefer et al. and of the BT authors' code).
+
+With s the target score and A (B, heads, T, T) the attention probabilities of block ``layer``:
+
+    w_h = mean_{j in patches} ∂s/∂A_h[cls, j]            (one weight per head)
+    E   = ReLU( mean_h  w_h · A_h[cls, patches] )
+
+``grad_mean="all"`` averages the gradient over the whole (T, T) map instead of the CLS row's patch
+columns (an option; the default follows the reference code).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from ..errors import InputError
+from ..models.base import ViTAdapter
+from ._attention_utils import capture, layer_index, require_cls, score_kind, to_grid
+from .base import MethodResult, register
+
+
+@register("attention_cam", kind="gradient", token_level=True,
+          description="Head-weighted last-block CLS attention, head weights = mean attention gradient (LeGrad supp. eq. 10)")
+def attention_cam(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
+                  batch_size: Optional[int] = None, progress: Optional[bool] = None, score: str = "auto",
+                  layer: int = -1, grad_mean: str = "cls_row", relu: bool = True) -> MethodResult:
+    """AttentionCAM map.
+
+    Args:
+        score: ``"auto"`` (= logit), ``"prob"`` or ``"similarity"``; the map is invariant to a
+            positive rescaling of the score.
+        layer: block whose attention is used (default -1, the last).
+        grad_mean: ``"cls_row"`` (mean of the gradient over the CLS row's patch columns) or ``"all"``.
+        relu: clamp the map at 0 (Grad-CAM's ReLU).
+    Needs a CLS token.
+    """
+    cls = require_cls(adapter, "attention_cam")
+    l = layer_index(adapter, layer, "attention_cam")
+    if grad_mean not in ("cls_row", "all"):
+        raise InputError(f"attention_cam: grad_mean must be 'cls_row' or 'all', got '{grad_mean}'.")
+    cap = capture(adapter, x, target, sites={"attn": [l]}, grad_of=[("attn", l)], score=score)
+    a = cap.values[("attn", l)].float()
+    g = cap.grads[("attn", l)].float()
+    P = adapter.num_prefix_tokens
+    w = g[:, :, cls, P:].mean(-1) if grad_mean == "cls_row" else g.mean((-1, -2))  # (B, H)
+    cam = (w[:, :, None] * a[:, :, cls, :]).mean(1)
+    if relu:
+        cam = cam.clamp(min=0)
+    return MethodResult(target=cap.target, token_maps=to_grid(adapter, x, cam), outputs=cap.outputs,
+                        extras={"layer": l, "score": score_kind(score)})

@@ -1,0 +1,288 @@
+"""LeGrad (Bousselham, Boggust, Chaybouti, Strobelt & Kuehne, "LeGrad: An Explainability Method for
+Vision Transformers via Feature Formation Sensitivity", arXiv 2404.03214 / ICCV 2025).
+
+For every selected layer l, with Z^l the tokens after block l and A^l its post-softmax attention
+(heads x T x T, T = prefix + patch tokens):
+
+* s^l is the target score read from Z^l by the model's *own* final norm, pooling and head
+  (``adapter.head``: CLS token, average pool, both heads of a distilled DeiT averaged as the model
+  does, CLIP's final LayerNorm + projection; then ``adapter.score``);
+* eq. (5)/(7): E^l = mean over heads h and query rows i of ReLU(d s^l / d A^l)[h, i, :], keeping the
+  patch columns;
+* eq. (8): E = mean over the selected layers of E^l; min-max normalised and bilinearly upsampled by
+  :func:`vitlens.explain`.
+
+Attentional poolers (``pool == "map"``, SigLIP): A^l is the pooler's attention (heads x latent x N)
+when the pooler is applied to Z^l (the paper's variant for such models; the blocks' own attention is
+not used), averaged over heads and latent queries.
+
+Implementation: one forward pass. Each selected block is run on its *detached* input, and its
+attention probabilities are replaced by a detached leaf, so s^l depends on A^l only through block l;
+the sum of all s^l then gives every layer's d s^l / d A^l in ONE backward pass (no per-layer
+backward, no ``create_graph``). Several targets per image (classes or prompts) are differentiated
+together with batched vector-Jacobian products (``is_grads_batched``), without copying the image.
+Parameters and position embeddings are never modified.
+
+Protocol choices (documented deviations):
+
+* Score: the paper differentiates the target's activation, i.e. the class *logit* for classifiers
+  (default ``score="auto"`` -> ``"logit"`` for classes); for text prompts the authors' code
+  differentiates the cosine similarity between the normalised image embedding and the normalised
+  text embedding (``"similarity"``, the default for prompts). ``"prob"`` is available.
+* Pooling: the paper reads each layer with the model's pooling (``pooling="model"``, default). The
+  authors' CLIP code instead averages *all* tokens (CLS included) before ``ln_post`` and the
+  projection: ``pooling="mean"``.
+* Layers: all by default (the method as written in the paper); ``layers=k`` the last k, a float
+  in (0, 1] that fraction of the last layers (the paper finds ~0.4 a good trade-off), or explicit
+  indices (negative allowed). The authors' CLIP code uses the last two (``layers=2``).
+* Background correction (SigLIP, supplementary): the map for the prompt ``correction_prompt``
+  (default "a photo of"; the authors' code uses "a photo of a") is computed with the same layers,
+  min-max normalised, and the target map is set to 0 where it exceeds ``correction_threshold``
+  (0.8) before the final normalisation. On by default only for text-capable models with an
+  attentional pooler (SigLIP); needs text prompts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
+from ..errors import InputError, TargetError
+from ..explanation import minmax
+from ..models.base import ViTAdapter
+from ..models.targets import Target
+from .base import MethodResult, register
+
+LayersLike = Union[None, int, float, Sequence[int]]
+
+
+def select_layers(layers: LayersLike, num_blocks: int) -> list[int]:
+    """Sorted unique block indices from ``layers`` (None: all; int k: last k; float f: last
+    ceil(f * L); sequence: explicit indices, negatives counted from the end)."""
+    if layers is None:
+        return list(range(num_blocks))
+    if isinstance(layers, bool):
+        raise InputError("LeGrad layers must be None, a count, a fraction or a list of block indices.")
+    if isinstance(layers, float):
+        if not 0.0 < layers <= 1.0:
+            raise InputError(f"LeGrad layers={layers}: a fraction must lie in (0, 1].")
+        k = max(1, math.ceil(round(layers * num_blocks, 6)))
+        return list(range(num_blocks - k, num_blocks))
+    if isinstance(layers, int):
+        if not 1 <= layers <= num_blocks:
+            raise InputError(f"LeGrad layers={layers}: the model has {num_blocks} blocks; give a count in 1..{num_blocks}.")
+        return list(range(num_blocks - layers, num_blocks))
+    idx = [int(i) for i in layers]
+    if not idx:
+        raise InputError("LeGrad layers: the list of block indices is empty.")
+    bad = [i for i in idx if not -num_blocks <= i < num_blocks]
+    if bad:
+        raise InputError(f"LeGrad layers {bad} out of range: the model has {num_blocks} blocks (0..{num_blocks - 1}).")
+    return sorted({i % num_blocks for i in idx})
+
+
+def _flatten_targets(target, batch: int) -> tuple[object, int]:
+    """Per-image target lists -> (flat image-major list, targets per image K).
+
+    A list of lists (one list per image, equal lengths) or, for a single image, a plain list of
+    several targets asks for K maps per image; anything else is one target per image (K = 1)."""
+    if isinstance(target, Tensor) and target.dim() == 2:
+        target = target.tolist()
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, (list, tuple)) for t in target):
+        if len(target) != batch:
+            raise TargetError(f"got {len(target)} target lists for {batch} images; give one list per image.")
+        k = len(target[0])
+        if k == 0 or any(len(t) != k for t in target):
+            raise TargetError("every image needs the same (non-zero) number of targets.")
+        return [t for per in target for t in per], k
+    if batch == 1 and isinstance(target, (list, tuple)) and len(target) > 1:
+        return list(target), len(target)
+    if batch == 1 and isinstance(target, Tensor) and target.numel() > 1:
+        return target.reshape(-1).tolist(), int(target.numel())
+    return target, 1
+
+
+def _cat_targets(parts: list[Target]) -> Target:
+    if len(parts) == 1:
+        return parts[0]
+    texts = [p.text for p in parts]
+    text = None if all(t is None for t in texts) else torch.cat(texts, 0)
+    return Target(torch.cat([p.index for p in parts]), [lab for p in parts for lab in p.labels], text,
+                  torch.cat([p.is_text for p in parts]))
+
+
+def _tile(t: Target, n: int) -> Target:
+    """Target rows repeated as whole blocks: [t, t, ..., t] (n times)."""
+    return t.select(list(range(len(t))) * n)
+
+
+def _layer_scores(adapter: ViTAdapter, outs: Tensor, tgt: Target, k: int, kind: str) -> Tensor:
+    """Scores (S, b, K) of the K targets per image from head outputs (S, b, E); ``tgt`` has b*K rows."""
+    S, b, E = outs.shape
+    rows = outs[:, :, None].expand(S, b, k, E).reshape(S * b * k, E)
+    return adapter.score(rows, _tile(tgt, S), kind).reshape(S, b, k)
+
+
+def _vjp(scores: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    """d(sum over layers and images of scores[..., k]) / d leaf for every target column k, in one
+    backward pass: returns per leaf (K, *leaf.shape)."""
+    K = scores.shape[-1]
+    if K == 1:
+        grads = torch.autograd.grad(scores.sum(), leaves)
+        return [g[None] for g in grads]
+    eye = torch.eye(K, dtype=scores.dtype, device=scores.device)
+    go = eye.reshape(K, *([1] * (scores.dim() - 1)), K).expand(K, *scores.shape).contiguous()
+    return list(torch.autograd.grad(scores, leaves, grad_outputs=go, is_grads_batched=True))
+
+
+def _pooled_head(adapter: ViTAdapter, tokens: Tensor, pooling: str) -> Tensor:
+    if pooling == "mean":  # authors' CLIP code: every token replaced by the mean of all tokens
+        tokens = tokens.mean(1, keepdim=True).expand_as(tokens)
+    return adapter.head(tokens)
+
+
+def _chunk_self_attention(adapter: ViTAdapter, x: Tensor, sel: list[int], pooling: str):
+    """One forward pass; returns clean outputs, the attention leaves of the selected blocks and their
+    head outputs (S, b, E) (graph: leaf A^l -> block l -> head only)."""
+    leaves: list[Tensor] = []
+
+    def grab(layer: int, a: Tensor) -> Tensor:
+        leaf = a.detach().requires_grad_(True)
+        leaves.append(leaf)
+        return leaf
+
+    hooks = {"attn": grab}
+    selected = set(sel)
+    feats = []
+    with torch.no_grad():
+        t = adapter.embed(x)
+    for layer in range(adapter.num_blocks):
+        if layer in selected:
+            with torch.enable_grad():
+                z = adapter.run_block(layer, t.detach(), hooks)
+            feats.append(z)
+            t = z.detach()
+        else:
+            with torch.no_grad():
+                t = adapter.run_block(layer, t)
+    with torch.no_grad():
+        outputs = adapter.head(t)
+    with torch.enable_grad():
+        outs = _pooled_head(adapter, torch.cat(feats, 0), pooling).reshape(len(sel), x.shape[0], -1)
+    return outputs, leaves, outs
+
+
+def _chunk_pooler(adapter: ViTAdapter, x: Tensor, sel: list[int]):
+    """Attentional pooler variant: the blocks run once without gradients; the pooler is applied to
+    every selected layer's tokens at once with its attention as the (single) leaf."""
+    with torch.no_grad():
+        tr = adapter.trace(x, tokens=True)
+        feats = torch.cat([tr.tokens[l] for l in sel], 0)
+    leaf: list[Tensor] = []
+
+    def grab(a: Tensor) -> Tensor:
+        leaf.append(a.detach().requires_grad_(True))
+        return leaf[0]
+
+    with torch.enable_grad():
+        outs = adapter.head_with_pool_attention(feats, grab).reshape(len(sel), x.shape[0], -1)
+    return tr.outputs, leaf, outs
+
+
+def _relevance(grads: list[Tensor], pooler: bool, S: int, b: int, first_col: int) -> Tensor:
+    """Eq. (5)/(7)-(8): ReLU, mean over heads and query rows, patch columns, mean over layers -> (K, b, N)."""
+    if pooler:
+        g = grads[0]  # (K, S*b, H, latent, N_in)
+        e = g.clamp_min(0).mean(dim=(-3, -2)).float()
+        e = e.reshape(g.shape[0], S, b, -1)[..., first_col:]
+        return e.mean(1)
+    acc = None
+    for g in grads:  # (K, b, H, T, T) per layer
+        e = g.clamp_min(0).mean(dim=(-3, -2)).float()[..., first_col:]
+        acc = e if acc is None else acc + e
+    return acc / len(grads)
+
+
+@register("legrad", kind="gradient", token_level=True,
+          description="LeGrad: layer-wise gradients w.r.t. attention maps (Bousselham et al. 2024)")
+def legrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
+           batch_size: Optional[int] = None, progress: Optional[bool] = None, layers: LayersLike = None,
+           score: str = "auto", pooling: str = "model", correction: Optional[bool] = None,
+           correction_prompt: str = "a photo of", correction_threshold: float = 0.8) -> MethodResult:
+    """LeGrad saliency (deterministic; ``seed`` is unused).
+
+    Args:
+        target: as in :func:`vitlens.explain`; additionally a list of lists (one list of K targets
+            per image) or, for a single image, a list of K targets gives K maps per image
+            (image-major), computed from one forward pass with batched gradients.
+        layers: None (all blocks, the paper), a count from the end, a fraction of the blocks from the
+            end, or explicit block indices.
+        score: ``"auto"`` (logit for classes, cosine similarity for prompts), ``"logit"``, ``"prob"``,
+            ``"similarity"``.
+        pooling: ``"model"`` (the model's own pooling, the paper) or ``"mean"`` (mean of all tokens,
+            the authors' CLIP code). Ignored for attentional poolers.
+        correction: SigLIP background correction (None: on for text models with an attentional pooler).
+        correction_prompt, correction_threshold: its prompt and threshold.
+        batch_size: images per forward/backward pass (automatic when None).
+    """
+    adapter.require("attention blocks", bool(adapter.blocks), "legrad")
+    if pooling not in ("model", "mean"):
+        raise InputError(f"LeGrad pooling must be 'model' or 'mean', got {pooling!r}.")
+    if score not in ("auto", "logit", "prob", "similarity"):
+        raise InputError(f"unknown score kind '{score}'; choose auto, logit, prob or similarity.")
+    pooler = adapter.pool == "map"
+    if pooler:
+        adapter.require("an explicit attentional pooler (head_with_pool_attention)",
+                        hasattr(adapter, "head_with_pool_attention"), "legrad")
+    if correction is None:
+        correction = pooler and adapter.supports_text
+    if correction:
+        adapter.require("text prompts (for the background correction)", adapter.supports_text, "legrad")
+        if not 0.0 <= correction_threshold <= 1.0:
+            raise InputError(f"correction_threshold must lie in [0, 1], got {correction_threshold}.")
+    sel = select_layers(layers, adapter.num_blocks)
+    B = x.shape[0]
+    flat, K = _flatten_targets(target, B)
+    tgt_all = None if flat is None else adapter.resolve_target(flat, batch=B * K)
+    empty = adapter.resolve_target(correction_prompt, batch=1) if correction else None
+    first_col = adapter.pool_prefix_columns if pooler else adapter.num_prefix_tokens
+    T = adapter.num_prefix_tokens + adapter.grid_size(x)[0] * adapter.grid_size(x)[1]
+    bs = resolve_batch_size(batch_size, adapter, T * len(sel), B)
+
+    maps, outs_all, tgts, kind = [], [], [], None
+    with progress_bar(B, "LeGrad", progress, unit="image") as bar:
+        for sl in batch_slices(B, bs):
+            xb = x[sl]
+            b = xb.shape[0]
+            if pooler:
+                outputs, leaves, feats = _chunk_pooler(adapter, xb, sel)
+            else:
+                outputs, leaves, feats = _chunk_self_attention(adapter, xb, sel, pooling)
+            if tgt_all is None:
+                tb = adapter.resolve_target(None, outputs=outputs, batch=b)
+            else:
+                tb = tgt_all.select(slice(sl.start * K, sl.stop * K))
+            kind = ("similarity" if tb.any_text else "logit") if score == "auto" else score
+            with torch.enable_grad():
+                s = _layer_scores(adapter, feats, tb, K, kind)
+                if correction:
+                    s = torch.cat([s, _layer_scores(adapter, feats, _tile(empty, b), 1, "similarity")], -1)
+                grads = _vjp(s, leaves)
+            rel = _relevance(grads, pooler, len(sel), b, first_col)  # (K', b, N)
+            del grads, leaves, feats
+            if correction:
+                bg = minmax(rel[-1]) > correction_threshold  # (b, N)
+                rel = rel[:-1].masked_fill(bg[None], 0.0)
+            maps.append(rel.transpose(0, 1).reshape(b * K, -1))
+            outs_all.append(outputs.repeat_interleave(K, 0) if K > 1 else outputs)
+            tgts.append(tb)
+            bar.update(b)
+    gh, gw = adapter.grid_size(x)
+    tgt = _cat_targets(tgts)
+    extras = {"layers": sel, "score": kind, "pooling": "pooler-attention" if pooler else pooling,
+              "correction": bool(correction), "targets_per_image": K}
+    return MethodResult(target=tgt, token_maps=torch.cat(maps, 0).reshape(B * K, gh, gw),
+                        outputs=torch.cat(outs_all, 0).detach(), extras=extras)

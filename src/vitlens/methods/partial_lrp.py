@@ -1,0 +1,66 @@
+"""Partial LRP (Voita, Talbot, Moiseev, Sennrich & Titov, "Analyzing Multi-Head Self-Attention", ACL
+2019), in the form used as a ViT baseline by Chefer et al. (CVPR 2021), whose code later comparison
+tables (ViT-CX, LeGrad) build on: the last block's attention weighted by its LRP relevance.
+
+Relevance is propagated from the target (initial relevance 1) through the head and the last block
+with the rules of :mod:`vitlens.methods.chefer1` (LRP-alpha1-beta0, normalised residuals and products).
+
+* ``variant="attention_relevance"`` (default; Chefer et al.'s code, "last_layer"): the relevance of
+  the last block's attention probabilities R_A (= attention entries weighted by the relevance they
+  pass on), positive part, averaged over heads, CLS row over the patch columns.
+* ``variant="head_relevance"`` (Voita et al.'s head relevance): each head's attention row weighted by
+  the head's relevance (sum of the relevance of its output, clamped at 0):
+  sum_h r_h A_h[cls, patches] / sum_h r_h.
+
+Average-pooled models use the mean of the patch rows instead of the CLS row.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..batching import batch_slices
+from ..errors import InputError
+from ..models.base import ViTAdapter
+from ._lrp import cat_targets, chefer_propagate, lrp_batch_size, pooled_row, safe_div
+from .base import MethodResult, register
+from .chefer1 import _check
+
+VARIANTS = ("attention_relevance", "head_relevance")
+
+
+@register("partial_lrp", kind="relevance", token_level=True,
+          description="Partial LRP: last block's attention weighted by LRP relevance (Voita et al. 2019)")
+def partial_lrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
+                batch_size: Optional[int] = None, progress: Optional[bool] = None,
+                variant: str = "attention_relevance", matmul_rule: str = "normalize") -> MethodResult:
+    """Partial LRP of the last block.
+
+    Args:
+        variant: ``"attention_relevance"`` (Chefer et al.'s implementation) or ``"head_relevance"``.
+        matmul_rule: ``"normalize"`` (Chefer et al.'s paper) or ``"half"`` (their code).
+    """
+    _check(adapter, "partial_lrp", matmul_rule)
+    if variant not in VARIANTS:
+        raise InputError(f"partial_lrp variant must be one of {', '.join(VARIANTS)}, got '{variant}'.")
+    B = x.shape[0]
+    last = adapter.num_blocks - 1
+    tgt = None if target is None else adapter.resolve_target(target, batch=B)
+    maps, outs, tgts = [], [], []
+    for sl in batch_slices(B, lrp_batch_size(adapter, x, batch_size)):
+        res = chefer_propagate(adapter, x[sl], None if tgt is None else tgt.select(sl),
+                               matmul_mode=matmul_rule, need_grads=False, down_to=last)
+        r_attn = res.rel_attn[last]
+        if variant == "attention_relevance":
+            mat = r_attn.clamp(min=0).mean(1)
+        else:
+            w = res.rel_heads[last].sum((2, 3)).clamp(min=0)  # relevance of each head's output A_h v_h
+            A = res.records[last].attn.detach()
+            mat = safe_div((w[:, :, None, None] * A).sum(1), w.sum(1)[:, None, None])
+        maps.append(pooled_row(adapter, mat)); outs.append(res.outputs); tgts.append(res.target)
+    gh, gw = adapter.grid_size(x)
+    return MethodResult(target=cat_targets(tgts), token_maps=torch.cat(maps).reshape(B, gh, gw),
+                        outputs=torch.cat(outs), extras={"variant": variant, "matmul_rule": matmul_rule})
+

@@ -1,0 +1,101 @@
+"""Positive and negative perturbation (Chefer, Gur & Wolf, "Transformer Interpretability Beyond
+Attention Visualization", CVPR 2021, Sec. 4; LeGrad Tables 3, 4, 7).
+
+Protocol (the paper and its evaluation code):
+
+* the pixels of the map at input resolution are ranked, most relevant first (``order="positive"``) or
+  least relevant first (``order="negative"``, i.e. the ranking of the negated map); ties in raster order
+  (lower flat index first, a stable sort; the code's ``topk`` leaves ties unspecified);
+* for p = 0 %, 10 %, ..., 90 % the first ``int(p * H * W)`` ranked pixels are set to 0 in [0, 1] pixel
+  space (black, all channels), the image is re-normalised and classified;
+* each point is top-1 correctness: ``argmax(logits) == target``, where ``targets=None`` is the class
+  predicted on the clean image (the code's ``--vis-class top``) and ground-truth labels give the
+  ``target`` setting; the 0 % point is the clean image's correctness;
+* AUC: trapezoid rule over the ten points with x = p in [0, 0.9] (so at most 0.9; the papers report
+  it x 100 as a percentage of the accuracy curve's area). Positive: lower is better; negative: higher.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
+from ..errors import InputError
+from .base import MetricResult, check_maps, pixel_stats, register_metric, trapezoid
+from .causal import saliency_rank
+
+STEPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def perturbation(model, x: Tensor, maps, targets=None, *, order: str = "positive",
+                 steps: tuple = STEPS, batch_size: Optional[int] = None,
+                 progress: Optional[bool] = None) -> MetricResult:
+    """Perturbation AUC of top-1 accuracy per image (see the module docstring).
+
+    Args:
+        order: ``"positive"`` (most relevant pixels removed first; lower is better) or ``"negative"``
+            (least relevant first; higher is better).
+        steps: fractions of pixels removed (default 0, 0.1, ..., 0.9).
+    Returns:
+        ``values`` (B,) AUC, ``curves`` (B, len(steps)) 0/1 correctness, ``xs`` the fractions.
+    """
+    from ..models import wrap_model
+
+    if order not in ("positive", "negative"):
+        raise InputError(f"perturbation order must be 'positive' or 'negative', got '{order}'.")
+    adapter = wrap_model(model)
+    x = adapter.check_input(x)
+    maps = check_maps(maps, x)
+    tgt = adapter.resolve_target(targets, x=x)
+    if tgt.any_text:
+        raise InputError("perturbation measures top-1 accuracy: it needs class targets, not text prompts.")
+    B, C, H, W = x.shape
+    fr = torch.as_tensor(steps, dtype=torch.float64)
+    if fr.dim() != 1 or (fr < 0).any() or (fr > 1).any():
+        raise InputError(f"perturbation steps must be fractions in [0, 1]; got {steps}.")
+    counts = (fr * (H * W)).long().to(x.device)  # int(p * H * W) as the reference code
+    K = counts.numel()
+    rank = saliency_rank(maps if order == "positive" else -maps)
+    mean, std = pixel_stats(adapter, x)
+    black = ((0.0 - mean) / std).reshape(1, C, 1)
+    flat = x.reshape(B, C, H * W)
+    gh, gw = adapter.grid_size(x)
+    bs = resolve_batch_size(batch_size, adapter, gh * gw + adapter.num_prefix_tokens, B * K)
+    idx = tgt.index.to(x.device)
+    out = torch.empty(B * K, dtype=torch.float32, device=x.device)
+    bar = progress_bar(B * K, f"perturbation ({order})", progress, unit="img")
+    with torch.no_grad():
+        for sl in batch_slices(B * K, bs):
+            j = torch.arange(sl.start, sl.stop, device=x.device)
+            b, k = j // K, j % K
+            removed = (rank[b] < counts[k][:, None])[:, None, :]
+            imgs = torch.where(removed, black, flat[b]).reshape(-1, C, H, W)
+            pred = adapter.class_logits(adapter.forward(imgs)).argmax(-1)
+            out[sl] = (pred == idx[b]).float()
+            bar.update(sl.stop - sl.start)
+    bar.close()
+    curves = out.reshape(B, K).cpu()
+    xs = fr.float()
+    values = trapezoid(curves.double(), fr).float()
+    return MetricResult(values=values, curves=curves, xs=xs,
+                        protocol=dict(order=order, steps=tuple(float(s) for s in steps), fill="black (0 in [0,1] pixel space)",
+                                      score="top-1 correctness", tie_break="raster order (stable sort)",
+                                      auc="trapezoid over xs"))
+
+
+@register_metric("perturbation_positive", higher_is_better=False)
+def perturbation_positive(model, x: Tensor, maps, targets=None, *, steps: tuple = STEPS,
+                          batch_size: Optional[int] = None, progress: Optional[bool] = None) -> MetricResult:
+    """Positive perturbation AUC (Chefer et al. 2021): most relevant pixels removed first; lower is better."""
+    return perturbation(model, x, maps, targets, order="positive", steps=steps, batch_size=batch_size,
+                        progress=progress)
+
+
+@register_metric("perturbation_negative", higher_is_better=True)
+def perturbation_negative(model, x: Tensor, maps, targets=None, *, steps: tuple = STEPS,
+                          batch_size: Optional[int] = None, progress: Optional[bool] = None) -> MetricResult:
+    """Negative perturbation AUC (Chefer et al. 2021): least relevant pixels removed first; higher is better."""
+    return perturbation(model, x, maps, targets, order="negative", steps=steps, batch_size=batch_size,
+                        progress=progress)

@@ -14,7 +14,10 @@ from .errors import VitlensError
 #: Lighter settings used by ``vitlens demo`` (paper defaults with ``--full``): the demo must finish in
 #: a couple of minutes on a laptop CPU.
 DEMO_PARAMS: dict[str, dict] = {
-    "rise": {"n_masks": 1000},
+    "rise": {"n_masks": 500},
+    "occlusion": {"window": 32, "stride": 32},
+    "integrated_gradients": {"n_steps": 16},
+    "smoothgrad": {"n_samples": 16},
 }
 
 

@@ -81,9 +81,9 @@ def test_blur_kernel_is_rises():
 
 @pytest.mark.parametrize("family,mode,kind,protocol", [
     ("timm_vit", "deletion", "blur", "paper"), ("timm_vit", "insertion", "blur", "paper"),
-    ("timm_vit", "deletion", "black", "paper"), ("timm_vit", "insertion", "mean", "tis_code"),
+    ("timm_vit", "deletion", "black", "paper"), ("timm_vit", "insertion", "mean", "paper"),
     ("timm_vit", "deletion", None, "rise_code"),
-    ("torchvision", "deletion", "blur", "paper"), ("torchvision", "insertion", "mean", "tis_code"),
+    ("torchvision", "deletion", "blur", "paper"), ("torchvision", "insertion", "mean", "paper"),
 ])
 def test_matches_step_loop(family, mode, kind, protocol):
     a = vitlens.wrap_model(TINY_FACTORIES[family]())

@@ -102,7 +102,7 @@ def _same_partition(a, b) -> bool:
     return len(a) == len(b) and all((a == a[i]).tolist() == (b == b[i]).tolist() for i in range(len(a)))
 
 
-def reference_vitcx(name, module, x, targets, *, site="attn_branch", delta=0.1, sigma=0.1, seed=0,
+def reference_vitcx(name, module, x, targets, *, site="norm1", delta=0.1, sigma=0.1, seed=0,
                     clustering=True, plain=False, pcb=True):
     """Paper equations, one image and one mask at a time."""
     H, W = x.shape[-2:]
@@ -161,7 +161,7 @@ def _images(n=2, seed=1):
 
 # ---------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("name,site,n_images,delta", [
-    ("timm_vit", "attn_branch", 2, None),  # paper defaults: delta 0.1 for ViT
+    ("timm_vit", "attn_branch", 2, None),  # the paper text's site, delta 0.1 for ViT
     ("timm_avgpool", "norm1", 1, 0.2),
     ("torchvision", "attn_branch", 1, 0.2),
     ("swin", "norm1", 1, 0.15),
@@ -178,6 +178,16 @@ def test_matches_reference(name, site, n_images, delta):
         assert _same_partition(got, want)
     D = {"swin": 96, "torchvision": 32}.get(name, 48)
     assert 1 < exp.extras["n_masks"][0] < D  # clustering merged some masks, kept several
+    torch.testing.assert_close(exp.maps, ref, atol=1e-4, rtol=0)
+
+
+def test_default_feature_is_authors_norm1():
+    """The default feature site is the authors' code's ``blocks[-1].norm1`` (the LayerNorm output)."""
+    module = tiny_timm("vit")
+    x = _images(1)
+    ref, _ = reference_vitcx("timm_vit", module, x, [3], site="norm1", delta=0.2)
+    exp = vitlens.explain(module, x, method="vitcx", target=3, delta=0.2)
+    assert exp.extras["feature"] == "norm1"
     torch.testing.assert_close(exp.maps, ref, atol=1e-4, rtol=0)
 
 

@@ -43,7 +43,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", help="output folder (results.sqlite, logs/, results.md/csv, report.html)")
-    p.add_argument("--print-config", action="store_true", help="print the merged configuration and exit")
+    p.add_argument("--transform", choices=["model", "tis"],
+                   help="data pipeline: model (the model's eval transform, default) or tis (TIS evaluation code)")
+    p.add_argument("--subset", help="named image subset, e.g. tis5000 (needs the full LOC_val_solution.csv)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved run (every method parameter and metric protocol) and exit")
     return p
 
 
@@ -57,7 +61,7 @@ def bench_main(args: argparse.Namespace) -> int:
                    target=args.target, batch_size=args.batch_size, forward_batch_size=args.forward_batch_size,
                    seed=args.seed, device=args.device, threads=args.threads, shard=args.shard, resume=args.resume,
                    report=args.report, examples=args.examples, progress=args.progress, out=args.out,
-                   preset=args.preset)
+                   preset=args.preset, transform=args.transform, subset=args.subset)
         if args.model_arg:
             cli["model_args"] = parse_assignments(args.model_arg, "model argument")
         if args.metric_param:
@@ -65,7 +69,9 @@ def bench_main(args: argparse.Namespace) -> int:
         cli["method_params"] = parse_assignments(args.method_param, "method parameter")
         cfg = build_config(cli, file=args.config, preset=None if (args.preset or args.config) else "default")
         if args.print_config:
-            print(json.dumps(cfg.to_dict(), indent=1, default=str))
+            from .config import resolved
+
+            print(json.dumps(resolved(cfg), indent=1, default=str))
             return 0
         summary = run_bench(cfg)
     except VitlensError as e:

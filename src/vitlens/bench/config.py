@@ -64,6 +64,8 @@ class BenchConfig:
     examples: int = 4
     progress: Optional[bool] = None
     preset: Optional[str] = None
+    transform: str = "model"                             # "model" (the model's eval transform) | "tis"
+    subset: Optional[str] = None                         # a named subset, e.g. "tis5000"
 
     def normalise(self) -> "BenchConfig":
         self.methods = parse_methods(self.methods)
@@ -77,6 +79,12 @@ class BenchConfig:
             raise InputError(f"target must be 'label' or 'predicted', got '{self.target}'.")
         if int(self.batch_size) < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
+        from ..data.subsets import SUBSETS
+        from ..data.transforms import check_transform
+
+        check_transform(self.transform)
+        if self.subset is not None and self.subset not in SUBSETS:
+            raise InputError(f"unknown subset '{self.subset}'; choose one of {', '.join(SUBSETS)}.")
         labels = [m.label for m in self.methods]
         if len(set(labels)) != len(labels):
             raise InputError(f"duplicate method labels: {labels}.")
@@ -185,3 +193,31 @@ def build_config(cli: dict, file: Optional[str] = None, preset: Optional[str] = 
     if unknown:
         raise InputError(f"--method-param names method(s) not in the run: {', '.join(sorted(unknown))}.")
     return cfg.normalise()
+
+
+def resolved(cfg: BenchConfig) -> dict:
+    """The fully resolved run (what ``vitlens bench --print-config`` prints): the config with every method
+    entry's parameters completed by the method's defaults and every metric's full protocol (defaults +
+    overrides, with the registered metric it runs)."""
+    from ..methods import get_method
+    from .metrics_bridge import bind
+
+    d = cfg.to_dict()
+    methods = {}
+    for spec in parse_methods(cfg.methods):
+        try:
+            defaults = dict(get_method(spec.method).defaults)
+        except Exception as e:
+            raise InputError(str(e)) from None
+        params = {k: v for k, v in defaults.items() if k not in ("seed", "batch_size", "progress")}
+        params.update(spec.params)
+        methods[spec.label] = dict(method=spec.method, **params)
+    d["methods"] = methods
+    metrics = {}
+    for name in cfg.metrics:
+        over = dict(cfg.metric_params.get(name) or {})
+        b = bind(name, over)
+        metrics[name] = dict(metric=over.get("metric", name), **b.protocol)
+    d["metrics"] = metrics
+    d.pop("metric_params", None)
+    return d

@@ -11,8 +11,12 @@ import torch
 from ..errors import InputError
 from .store import key_of
 
-#: keyword arguments that carry per-image data, not protocol (never part of the protocol key)
-DATA_KWARGS = ("boxes", "coverage")
+#: keyword arguments that carry per-image data, not protocol (never part of the protocol key):
+#: box masks and their exact coverage, box coordinates on the input grid (TIS pointing game), and the
+#: methods' raw native-resolution maps (``raw_maps``: token maps or unnormalised pixel maps, float32)
+DATA_KWARGS = ("boxes", "coverage", "box_coords", "raw_maps")
+#: data the runner provides only to metrics that accept it (never required through ``needs``)
+OPTIONAL_DATA = ("box_coords", "raw_maps")
 RUNTIME_KWARGS = ("batch_size", "progress")
 #: keyword arguments naming the explainer (metrics that re-run it, e.g. max-sensitivity): set per method entry
 METHOD_KWARGS = ("explainer", "method", "method_params")
@@ -82,21 +86,27 @@ def available() -> list[str]:
 
 
 def bind(name: str, overrides: Optional[dict] = None) -> BoundMetric:
-    """Look up metric ``name`` and fill its protocol: defaults, then ``overrides``."""
+    """Look up metric ``name`` and fill its protocol: defaults, then ``overrides``.
+
+    ``overrides["metric"]`` makes ``name`` a label for another registered metric, so one run can hold
+    several protocols of the same metric (e.g. ``insertion_black`` = insertion with ``substrate="black"``);
+    the label names the results' column and the base metric is part of the protocol key."""
     base = _discover()
 
-    info = base.get_metric(name)
+    overrides = dict(overrides or {})
+    metric = str(overrides.pop("metric", name))
+    info = base.get_metric(metric)
     unsupported = set(info.needs) - set(DATA_KWARGS)
     if unsupported:
         raise InputError(f"metric '{name}' needs {', '.join(sorted(unsupported))}, which vitlens bench does not "
                          f"provide (it provides: {', '.join(DATA_KWARGS)}).")
     accepts = frozenset(inspect.signature(info.fn).parameters)
     protocol = {k: v for k, v in info.defaults.items() if k not in DATA_KWARGS + METHOD_KWARGS}
-    overrides = dict(overrides or {})
     unknown = set(overrides) - set(protocol)
     if unknown:
         raise InputError(f"unknown protocol parameter(s) for metric '{name}': {', '.join(sorted(unknown))}; "
                          f"it accepts: {', '.join(sorted(protocol)) or 'none'}.")
     protocol.update(overrides)
-    return BoundMetric(name, info.fn, bool(info.higher_is_better), tuple(info.needs), protocol,
-                       key_of(dict(metric=name, protocol=protocol)), accepts)
+    key = key_of(dict(metric=name, protocol=protocol)) if metric == name else \
+        key_of(dict(metric=metric, label=name, protocol=protocol))
+    return BoundMetric(name, info.fn, bool(info.higher_is_better), tuple(info.needs), protocol, key, accepts)

@@ -34,6 +34,7 @@ from .metrics_bridge import BoundMetric, bind
 from .store import Store, key_of, merge_into
 
 MAIN_DB = "results.sqlite"
+RAW_SUFFIX = ":raw"  # run key suffix of the raw native-resolution maps (float32) in the maps table
 _RUNTIME = ("seed", "batch_size", "progress")  # explain() arguments that are not method parameters
 SHARD_DIR = "shards"
 _IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -99,17 +100,18 @@ class BenchData:
                 raise InputError(f"no images ({', '.join(_IMAGE_EXTS)}) found in {self.root}")
             self.items = [Item(str(p.relative_to(self.root).with_suffix("")), p, -1, "", -1) for p in files]
 
-    def coverage(self, items: list[Item], size, crop_pct) -> np.ndarray:
+    def coverage(self, items: list[Item], size, crop_pct, transform: str = "model") -> np.ndarray:
         if self.boxes is None:
             return np.full(len(items), np.nan)
-        return self.boxes.box_coverage([it.index for it in items], size, crop_pct).numpy()
+        return self.boxes.box_coverage([it.index for it in items], size, crop_pct, transform).numpy()
 
-    def data_for(self, items: list[Item], size, crop_pct) -> dict:
+    def data_for(self, items: list[Item], size, crop_pct, transform: str = "model") -> dict:
         if self.boxes is None:
             return {}
         idx = [it.index for it in items]
-        return dict(boxes=self.boxes.box_masks(idx, size, crop_pct),
-                    coverage=self.boxes.box_coverage(idx, size, crop_pct).float())
+        return dict(boxes=self.boxes.box_masks(idx, size, crop_pct, transform),
+                    coverage=self.boxes.box_coverage(idx, size, crop_pct, transform).float(),
+                    box_coords=[self.boxes.input_boxes(i, size, crop_pct, transform) for i in idx])
 
 
 def _device(spec: str, info: distributed.ShardInfo) -> torch.device:
@@ -163,7 +165,9 @@ class _Progress:
 # -------------------------------------------------------------------------------------------- runner
 def select_items(cfg: BenchConfig, data: BenchData, model) -> tuple[list[Item], np.ndarray]:
     items = list(data.items)
-    cov = data.coverage(items, model.input_size, model.crop_pct)
+    if cfg.subset is not None:
+        items = _subset_items(cfg.subset, data, items)
+    cov = data.coverage(items, model.input_size, model.crop_pct, cfg.transform)
     if cfg.max_box_fraction is not None:
         if data.boxes is None:
             raise InputError("--max-box-fraction needs a dataset with boxes (LOC_val_solution.csv).")
@@ -176,9 +180,29 @@ def select_items(cfg: BenchConfig, data: BenchData, model) -> tuple[list[Item], 
     return items, cov
 
 
-def load_images(model, paths: list) -> torch.Tensor:
+def _subset_items(name: str, data: BenchData, items: list[Item]) -> list[Item]:
+    """The items of a named subset (:mod:`vitlens.data.subsets`) in the subset's order; images of the
+    subset missing on disk are skipped."""
+    from ..data.subsets import read_solution, resolve_subset
+
+    if data.boxes is None:
+        raise InputError(f"--subset {name} needs an ImageNet validation folder with LOC_val_solution.csv.")
+    ids = resolve_subset(name, read_solution(data.root / "LOC_val_solution.csv"))
+    by_id = {it.image_id: it for it in items}
+    return [by_id[i] for i in ids if i in by_id]
+
+
+def load_images(model, paths: list, transform: str = "model") -> torch.Tensor:
     """The model's own eval transform; the generic one (resize short side to size/crop_pct, centre crop)
-    when the former does not produce the model's input size (e.g. timm models built with ``img_size``)."""
+    when the former does not produce the model's input size (e.g. timm models built with ``img_size``).
+    ``transform="tis"``: the TIS evaluation pipeline (:mod:`vitlens.data.transforms`)."""
+    if transform == "tis":
+        from ..data.transforms import tis_images
+
+        x = tis_images(paths).to(model.device)
+        if tuple(x.shape[-2:]) != tuple(model.input_size):
+            raise InputError(f"the 'tis' transform produces 224 x 224 inputs; the model expects {model.input_size}.")
+        return x
     x = model.preprocess(paths)
     if tuple(x.shape[-2:]) != tuple(model.input_size):
         from ..models.preprocess import preprocess_images
@@ -186,6 +210,21 @@ def load_images(model, paths: list) -> torch.Tensor:
         x = preprocess_images(paths, size=model.input_size, mean=model.mean, std=model.std, crop_pct=model.crop_pct,
                               interpolation=getattr(model, "interpolation", "bicubic")).to(model.device)
     return x
+
+
+def normalised_and_raw(exp, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """From an ``explain(normalise=False)`` result: the maps ``explain()`` returns by default
+    (min-max per token map, bilinear upsampling, min-max again; the same operations in the same order)
+    and the raw native-resolution maps (token maps of token-level methods, else the raw pixel maps)."""
+    from ..explanation import minmax, upsample
+
+    if exp.token_maps is not None:
+        norm = minmax(upsample(minmax(exp.token_maps.float()), size))
+        raw = exp.token_maps
+    else:
+        norm = minmax(exp.maps.float())
+        raw = exp.maps
+    return norm.detach().cpu().numpy(), raw.detach().float().cpu().numpy()
 
 
 def _targets(cfg: BenchConfig, model, items: list[Item], x: Optional[torch.Tensor]) -> list[int]:
@@ -257,7 +296,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         wid = weights_id(cfg.model, cfg.weights)
         model_info = dict(input_size=list(model.input_size), crop_pct=model.crop_pct,
                           interpolation=getattr(model, "interpolation", "bicubic"), mean=list(model.mean),
-                          std=list(model.std))
+                          std=list(model.std), transform=cfg.transform)
         if info.count == 1 and (out / SHARD_DIR).is_dir():  # earlier --shard runs: count their work as done
             from .report import merge_shards
 
@@ -271,7 +310,10 @@ def run_bench(cfg: BenchConfig) -> dict:
             full_params[spec.label] = params
             run_keys[spec.label] = key_of(dict(model=cfg.model, weights=wid, model_args=cfg.model_args,
                                                method=spec.method, params=params, seed=cfg.seed,
-                                               target=cfg.target, input_size=list(model.input_size)))
+                                               target=cfg.target, input_size=list(model.input_size),
+                                               # the data pipeline changes the maps; "model" keeps old keys
+                                               **({} if cfg.transform == "model" else
+                                                  {"transform": cfg.transform})))
             store.put_run(run_keys[spec.label], label=spec.label, model=cfg.model, weights=wid, method=spec.method,
                           method_params=params, target_rule=cfg.target, seed=cfg.seed, model_info=model_info,
                           version=version)
@@ -326,26 +368,33 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
 
     def images() -> torch.Tensor:
         if "x" not in cache:
-            cache["x"] = load_images(model, [it.path for it in batch])
+            cache["x"] = load_images(model, [it.path for it in batch], cfg.transform)
         return cache["x"]
 
     def batch_data() -> dict:
         if "data" not in cache:
-            cache["data"] = data.data_for(batch, model.input_size, model.crop_pct)
+            cache["data"] = data.data_for(batch, model.input_size, model.crop_pct, cfg.transform)
         return cache["data"]
 
+    raw_needed = any("raw_maps" in m.accepts for m in metrics)
     for spec in cfg.methods:
         rk = run_keys[spec.label]
         have = store.done_maps(rk, ids)
+        if raw_needed:  # raw maps are stored beside the normalised ones (run key + RAW_SUFFIX, float32)
+            have &= store.done_maps(rk + RAW_SUFFIX, ids)
         todo = [i for i, iid in enumerate(ids) if iid not in have]
         if todo:
             x = images()[todo]
             tg = _targets(cfg, model, [batch[i] for i in todo], x)
             t0 = time.perf_counter()
             exp = vitlens.explain(model, x, method=spec.method, target=tg, seed=cfg.seed,
-                                  batch_size=cfg.forward_batch_size, progress=False, **spec.params)
+                                  batch_size=cfg.forward_batch_size, progress=False, normalise=False,
+                                  **spec.params)
+            norm_maps, raw = normalised_and_raw(exp, tuple(x.shape[-2:]))
             secs = time.perf_counter() - t0
-            store.put_maps(rk, [ids[i] for i in todo], exp.targets.tolist(), exp.numpy(), secs, version)
+            store.put_maps(rk, [ids[i] for i in todo], exp.targets.tolist(), norm_maps, secs, version)
+            store.put_maps(rk + RAW_SUFFIX, [ids[i] for i in todo], exp.targets.tolist(), raw, 0.0, version,
+                           dtype="float32")
             bar.timed(spec.label, len(todo), secs)
             computed["maps"] += len(todo)
             log.info("maps %s: %d images (%s) in %.2f s", spec.label, len(todo), ids[todo[0]], secs)
@@ -356,7 +405,10 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
                 continue
             maps, tg = store.get_maps(rk, [ids[i] for i in todo])
             x = images()[todo]
-            d = {k: v[todo] for k, v in batch_data().items()}
+            d = {k: (v[todo] if isinstance(v, torch.Tensor) else [v[i] for i in todo])
+                 for k, v in batch_data().items()}
+            if "raw_maps" in m.accepts:
+                d["raw_maps"] = torch.from_numpy(store.get_maps(rk + RAW_SUFFIX, [ids[i] for i in todo])[0])
             t0 = time.perf_counter()
             res = m(model, x, torch.from_numpy(maps).to(x.device), tg, d, cfg.forward_batch_size,
                     method=spec.method, method_params=spec.params)

@@ -66,13 +66,18 @@ def key_of(obj: Any) -> str:
     return hashlib.sha256(canonical(obj).encode()).hexdigest()[:16]
 
 
-def encode_map(m: np.ndarray) -> tuple[bytes, str]:
-    a = np.ascontiguousarray(np.asarray(m, dtype=np.float16))
-    return zlib.compress(a.tobytes(), 6), canonical(list(a.shape))
+def encode_map(m: np.ndarray, dtype: str = "float16") -> tuple[bytes, str]:
+    """Compressed map; float16 maps keep the plain shape list as ``shape``, other dtypes (float32 raw maps)
+    record ``{"dtype": ..., "shape": [...]}``."""
+    a = np.ascontiguousarray(np.asarray(m, dtype=np.dtype(dtype)))
+    shape = list(a.shape) if dtype == "float16" else dict(dtype=dtype, shape=list(a.shape))
+    return zlib.compress(a.tobytes(), 6), canonical(shape)
 
 
 def decode_map(blob: bytes, shape: str) -> np.ndarray:
-    return np.frombuffer(zlib.decompress(blob), dtype=np.float16).reshape(json.loads(shape)).astype(np.float32)
+    info = json.loads(shape)
+    dtype, dims = ("float16", info) if isinstance(info, list) else (info["dtype"], info["shape"])
+    return np.frombuffer(zlib.decompress(blob), dtype=np.dtype(dtype)).reshape(dims).astype(np.float32)
 
 
 def encode_f32(a: Optional[np.ndarray]) -> Optional[bytes]:
@@ -163,11 +168,11 @@ class Store:
         return out
 
     def put_maps(self, run_key: str, image_ids: Sequence[str], targets: Sequence[int], maps: np.ndarray,
-                 seconds: float, version: str) -> None:
+                 seconds: float, version: str, dtype: str = "float16") -> None:
         now = time.time()
         rows = []
         for i, iid in enumerate(image_ids):
-            blob, shape = encode_map(maps[i])
+            blob, shape = encode_map(maps[i], dtype)
             rows.append((run_key, iid, int(targets[i]), shape, blob, seconds / max(len(image_ids), 1), version, now))
         with Transaction(self.con) as c:
             c.executemany("INSERT OR REPLACE INTO maps VALUES (?,?,?,?,?,?,?,?)", rows)

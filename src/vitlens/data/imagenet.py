@@ -126,20 +126,30 @@ class ImageNetBoxes:
     def __getitem__(self, i: int) -> ImageNetSample:
         return self.samples[i]
 
-    def input_boxes(self, i: int, size: tuple[int, int], crop_pct: float) -> np.ndarray:
-        """Boxes of image ``i`` on the model's input grid (see :func:`transform_boxes`)."""
+    def input_boxes(self, i: int, size: tuple[int, int], crop_pct: float, transform: str = "model") -> np.ndarray:
+        """Boxes of image ``i`` on the input grid: through the model's eval transform (``"model"``, see
+        :func:`transform_boxes`) or the TIS pipeline (``"tis"``, :func:`vitlens.data.transforms.tis_boxes`;
+        ``size`` must then be 224 x 224)."""
         s = self.samples[i]
         with Image.open(s.path) as im:
             w, h = im.size
+        if transform == "tis":
+            from .transforms import TIS_CROP, tis_boxes
+
+            if tuple(size) != TIS_CROP:
+                raise InputError(f"the 'tis' transform produces {TIS_CROP} inputs; the model expects {tuple(size)}.")
+            return tis_boxes(s.boxes, (w, h))
         return transform_boxes(s.boxes, (w, h), size, crop_pct)
 
-    def box_masks(self, indices: Sequence[int], size: tuple[int, int], crop_pct: float) -> torch.Tensor:
+    def box_masks(self, indices: Sequence[int], size: tuple[int, int], crop_pct: float,
+                  transform: str = "model") -> torch.Tensor:
         """(n, H, W) bool masks: union of each image's boxes on the model's input grid."""
-        return torch.stack([boxes_to_mask(self.input_boxes(i, size, crop_pct), size) for i in indices])
+        return torch.stack([boxes_to_mask(self.input_boxes(i, size, crop_pct, transform), size) for i in indices])
 
-    def box_coverage(self, indices: Sequence[int], size: tuple[int, int], crop_pct: float) -> torch.Tensor:
+    def box_coverage(self, indices: Sequence[int], size: tuple[int, int], crop_pct: float,
+                     transform: str = "model") -> torch.Tensor:
         """(n,) exact area fraction of the input grid covered by the union of each image's boxes."""
-        return torch.tensor([union_area(self.input_boxes(i, size, crop_pct)) / (size[0] * size[1])
+        return torch.tensor([union_area(self.input_boxes(i, size, crop_pct, transform)) / (size[0] * size[1])
                              for i in indices], dtype=torch.float64)
 
 

@@ -12,6 +12,21 @@ prefix tokens (distillation, registers) take part in the products.
 ``discard_ratio`` (not in the paper; from the widely used ``vit-explain`` implementation) sets the
 lowest fraction of each fused attention matrix to zero before the identity is added, never the
 CLS -> CLS entry. Class-agnostic: the target only labels the result.
+
+``variant="vit_explain"`` is the code the TIS comparison wrapped (jacobgil/vit-explain at commit
+15a81d3, ``vit_rollout.py``, called by TIS's ``comparison_methods/rollout_wrapper.py`` with
+``discard_ratio=0.9, head_fusion="mean"``), which differs from the paper's normalisation in three ways:
+
+* discard: the ``int(T * T * ratio)`` smallest entries of the flattened fused matrix are chosen
+  (``topk(largest=False)``; ties here in lower-flat-index-first order), then flat index 0 (CLS -> CLS)
+  is removed from that set, so one entry fewer is zeroed when it was among them;
+* renormalisation ``a = (A + I) / 2; a = a / a.sum(dim=-1)`` on a (1, T, T) tensor: the (1, T) row sums
+  broadcast over the *last* axis, so entry (i, j) is divided by the sum of row *j* (a column scaling,
+  not a row normalisation);
+* the CLS row over the patches is divided by its maximum (``mask / np.max(mask)``).
+
+The raw map of this variant is therefore what the wrapper returned; after vitlens' min-max normalisation
+only the first two points change the map.
 """
 from __future__ import annotations
 
@@ -41,11 +56,25 @@ def discard_lowest(fused: Tensor, ratio: float, keep_index: int) -> Tensor:
     return flat.reshape(B, T, T)
 
 
+def discard_vit_explain(fused: Tensor, ratio: float) -> Tensor:
+    """vit-explain's discard: zero the ``int(T * T * ratio)`` smallest entries of each flattened (T, T)
+    matrix except flat index 0 when it is among them (ties: lower flat index first)."""
+    B, T, _ = fused.shape
+    n = int(T * T * ratio)
+    if n <= 0:
+        return fused
+    flat = fused.reshape(B, T * T).clone()
+    lowest = torch.sort(flat, dim=-1, stable=True).indices[:, :n]
+    drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, lowest, True)
+    drop[:, 0] = False
+    return flat.masked_fill(drop, 0.0).reshape(B, T, T)
+
+
 @register("rollout", kind="attention", token_level=True,
           description="Attention rollout: product of residual-augmented head-fused attention (Abnar & Zuidema 2020)")
 def rollout(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
             batch_size: Optional[int] = None, progress: Optional[bool] = None, head_fusion: str = "mean",
-            discard_ratio: float = 0.0, start_layer: int = 0) -> MethodResult:
+            discard_ratio: float = 0.0, start_layer: int = 0, variant: str = "paper") -> MethodResult:
     """Attention rollout.
 
     Args:
@@ -53,8 +82,12 @@ def rollout(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] 
         discard_ratio: fraction in [0, 1) of the lowest fused attentions set to zero per block
             (0 = the paper's rollout).
         start_layer: first block multiplied in (0 = all blocks, the paper).
+        variant: ``"paper"`` (row-normalised (A + I)) or ``"vit_explain"`` (the vit-explain code TIS
+            wrapped; see the module docstring).
     Needs a CLS token.
     """
+    if variant not in ("paper", "vit_explain"):
+        raise InputError(f"rollout: variant must be 'paper' or 'vit_explain', got '{variant}'.")
     cls = require_cls(adapter, "rollout")
     start = layer_index(adapter, start_layer, "rollout", "start_layer")
     if not 0.0 <= float(discard_ratio) < 1.0:
@@ -66,9 +99,17 @@ def rollout(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] 
     joint = None
     for l in layers:  # loop over blocks (a handful), everything inside is batched
         a = fuse_heads(cap.values[("attn", l)].float(), head_fusion, "rollout")
-        a = discard_lowest(a, float(discard_ratio), cls * T + cls)
-        a = a + eye
-        a = a / a.sum(-1, keepdim=True)
+        if variant == "vit_explain":
+            a = discard_vit_explain(a, float(discard_ratio))
+            a = (a + eye) / 2
+            a = a / a.sum(-1)[:, None, :]  # vit-explain's broadcast: column j / sum of row j
+        else:
+            a = discard_lowest(a, float(discard_ratio), cls * T + cls)
+            a = a + eye
+            a = a / a.sum(-1, keepdim=True)
         joint = a if joint is None else torch.bmm(a, joint)
-    return MethodResult(target=cap.target, token_maps=to_grid(adapter, x, joint[:, cls]), outputs=cap.outputs,
-                        extras={"start_layer": start})
+    maps = to_grid(adapter, x, joint[:, cls])
+    if variant == "vit_explain":
+        maps = maps / maps.reshape(maps.shape[0], -1).max(1).values[:, None, None]
+    return MethodResult(target=cap.target, token_maps=maps, outputs=cap.outputs,
+                        extras={"start_layer": start, "variant": variant})

@@ -1,5 +1,6 @@
-"""ViT-CX, causal explanation of Vision Transformers (Xie, Li, Zhang, Lin, Zhang & Chen, "ViT-CX:
-Causal Explanation of Vision Transformers", IJCAI 2023).
+"""ViT-CX, causal explanation of Vision Transformers (Weiyan Xie, Xiao-Hui Li, Caleb Chen Cao & Nevin L.
+Zhang, "ViT-CX: Causal Explanation of Vision Transformers", IJCAI 2023, pp. 1569-1577; arXiv:2211.03064;
+code: vaynexie/CausalX-ViT).
 
 For each image (one forward pass gives both the clean output and the features):
 
@@ -7,11 +8,13 @@ For each image (one forward pass gives both the clean output and the features):
    patch grid; each is upsampled bilinearly to the input size (``align_corners=False``) and min-max
    normalised to [0, 1] (a constant map becomes 0).
 
-   *Feature site* (``feature=``): the paper takes the output of the attention module of the chosen
-   block (``"attn_branch"``, the default; for models with layer scale this includes the per-channel
-   scale, which does not change a min-max-normalised mask when positive); the authors' code hooks the
-   block's first LayerNorm, i.e. the normalised input to its attention (``"norm1"``). Any site of
-   ``adapter.FEATURE_SITES`` is accepted. *Block* (``layer=``): the last block for ViTs, the last
+   *Feature site* (``feature=``): the default is the authors' code and every published ViT-CX
+   figure: the output of the chosen block's first LayerNorm, i.e. the normalised input to its attention
+   (``"norm1"``; ``ViT_CX.py`` is called with ``target_layer=model.blocks[-1].norm1``, and TIS's
+   ``comparison_methods/vitcx_wrapper.py`` passes the same layer). The paper's text describes the
+   output of the attention module (``"attn_branch"``, kept as an option; for models with layer scale
+   this includes the per-channel scale, which does not change a min-max-normalised mask when positive).
+   Any site of ``adapter.FEATURE_SITES`` is accepted. *Block* (``layer=``): the last block for ViTs, the last
    block of the second-to-last stage for Swin (``adapter.default_feature_layer``).
 
 2. **Mask clustering.** Distance 1 - cosine similarity between the pixel-resolution masks
@@ -200,7 +203,7 @@ def pcb_saliency(masks: Tensor, scores: Tensor, pcb: bool = True) -> Tensor:
 @register("vitcx", kind="perturbation", token_level=False,
           description="ViT-CX: clustered ViT-feature masks scored by debiased causal impact (Xie et al. 2023)")
 def vitcx(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0, batch_size: Optional[int] = None,
-          progress: Optional[bool] = None, layer: Union[int, Sequence[int], None] = None, feature: str = "attn_branch",
+          progress: Optional[bool] = None, layer: Union[int, Sequence[int], None] = None, feature: str = "norm1",
           delta: Optional[float] = None, masks: str = "clustered", n_random_masks: Optional[int] = None,
           causal_score: str = "debiased", pcb: bool = True, sigma: float = 0.1, score: str = "auto",
           return_masks: bool = False) -> MethodResult:
@@ -209,8 +212,9 @@ def vitcx(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 
     Args:
         layer: block whose tokens give the features (default: last block; Swin: last block of the
             second-to-last stage; Swin also takes a ``(stage, block)`` pair).
-        feature: hook site of the features: ``"attn_branch"`` (paper: output of the attention
-            module) or ``"norm1"`` (authors' code: the first LayerNorm's output); see module docs.
+        feature: hook site of the features: ``"norm1"`` (default; the authors' code: the first
+            LayerNorm's output) or ``"attn_branch"`` (the paper's text: output of the attention
+            module); see module docs.
         delta: clustering distance threshold (default 0.1, 0.05 for hierarchical/Swin models).
         masks: ``"clustered"`` (paper), ``"all"`` (no-clustering ablation), ``"random"`` (random-mask
             ablation, as many masks as clustering gives unless ``n_random_masks`` is set).

@@ -39,8 +39,27 @@ Named protocols:
 * ``"rise_code"``: the RISE authors' evaluation code: deletion substrate ``torch.zeros_like`` of the
   normalised input (``"zero"``; the paper calls it black, pass ``substrate="black"`` for true black),
   insertion substrate ``"blur"``, curve including the untouched image;
-* ``"tis_code"``: as ``"paper"`` but the curve has no untouched point: ``n_steps`` points after steps
-  1..n (xs from 1/n to 1), trapezoid over those points.
+* ``"tis_code"``: the TIS authors' evaluation code (aenglebert/Transformer_Input_Sampling,
+  ``metrics/utils.py``, ``metrics/insertion.py``, ``metrics/deletion.py``, ``config/metric/*.yaml``):
+
+  - every substrate is built on the *normalised* input tensor (``metrics/utils.py``): ``"black"`` =
+    ``torch.zeros_like`` (the normalisation mean colour, not pixel black), ``"random"`` =
+    ``torch.rand_like`` U[0, 1) in normalised units (seeded by ``seed``), ``"mean"`` = one scalar, the
+    image tensor's mean over channels and pixels, ``"blur"`` = torchvision's ``gaussian_blur`` with an
+    11 x 11 kernel, sigma 5 (sampled Gaussian on ``linspace(-5, 5, 11)``, normalised to sum 1) and its
+    *reflect* padding (:func:`tis_blur`);
+  - ranking ``torch.flip(saliency.view(-1, HW).argsort(), dims=[-1])``: torch's CPU sort is stable,
+    so equal saliency ends in *descending* flat index (the later raster pixel is changed first);
+    implemented as a stable ascending sort, flipped (:func:`saliency_rank` ``ties="reverse_raster"``);
+  - ``n_steps`` = 224, ``ceil(HW / n)`` pixels per step, the curve holds the ``n`` softmax scores of the
+    target *after* steps 1..n (no untouched point; xs = k / n);
+  - AUC: the repository stores the per-step scores (one CSV row per image) and has no AUC code; the
+    published AUC is the mean of those ``n`` scores, ``(1/n) sum_{k=1..n} y_k`` (each step is 1/n
+    wide; ``auc="mean"``). The curves are returned (and stored by ``vitlens bench``), so other rules
+    can be recomputed from them;
+  - the map ranked is the method's raw output upsampled bilinearly to the input size (TIS's
+    ``evaluate.py`` applies torchvision ``Resize`` to the stored raw map): pass ``raw_maps`` (B, h, w)
+    (``vitlens bench`` does, from the raw maps it stores); without it ``maps`` is ranked.
 
 All ``B x n_points`` perturbed images are built by one vectorised comparison of each pixel's rank with
 the step's pixel count and run as batched forward passes (``batch_size`` images at a time).
@@ -60,11 +79,23 @@ from .base import MetricResult, check_maps, pixel_stats, register_metric, trapez
 
 SUBSTRATES = ("blur", "black", "mean", "random", "zero")
 PROTOCOLS = {
-    "paper": dict(insertion="blur", deletion="blur", start_point=True),
-    "rise_code": dict(insertion="blur", deletion="zero", start_point=True),
-    "tis_code": dict(insertion="blur", deletion="blur", start_point=False),
+    "paper": dict(insertion="blur", deletion="blur", start_point=True, space="pixel", ties="raster",
+                  auc="trapezoid"),
+    "rise_code": dict(insertion="blur", deletion="zero", start_point=True, space="pixel", ties="raster",
+                      auc="trapezoid"),
+    "tis_code": dict(insertion="blur", deletion="blur", start_point=False, space="normalised",
+                     ties="reverse_raster", auc="mean"),
 }
-TIE_BREAK = "raster order: equal saliency -> lower flat pixel index first (stable sort)"
+TIE_BREAKS = {
+    "raster": "equal saliency -> lower flat pixel index first (stable descending sort)",
+    "reverse_raster": "equal saliency -> higher flat pixel index first (flip of a stable ascending argsort, "
+                      "TIS metrics/utils.py)",
+}
+TIE_BREAK = TIE_BREAKS["raster"]
+AUC_RULES = {
+    "trapezoid": "trapezoid over xs",
+    "mean": "mean of the n per-step scores after steps 1..n (TIS)",
+}
 
 
 def rise_kernel_1d(size: int = 11, sigma: float = 5.0, truncate: float = 4.0) -> Tensor:
@@ -97,9 +128,37 @@ def blur(x: Tensor, size: int = 11, sigma: float = 5.0) -> Tensor:
     return F.conv2d(x, k, padding=size // 2, groups=x.shape[1])
 
 
+def tis_blur(x: Tensor, size: int = 11, sigma: float = 5.0) -> Tensor:
+    """torchvision ``gaussian_blur(x, [size, size], [sigma, sigma])`` as TIS's ``blur_baseline`` calls it
+    (``metrics/utils.py``): the 1-D kernel samples ``exp(-t^2 / (2 sigma^2))`` at
+    ``t = linspace(-(size-1)/2, (size-1)/2, size)``, normalised to sum 1; the 2-D kernel is its outer
+    product; the image is padded by ``size // 2`` with ``mode="reflect"`` (no edge repetition) and
+    convolved per channel (no zero padding, unlike :func:`blur`)."""
+    half = (size - 1) * 0.5
+    t = torch.linspace(-half, half, size, dtype=x.dtype, device=x.device)
+    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
+    k1 = k1 / k1.sum()
+    k = (k1[:, None] * k1[None, :])[None, None].expand(x.shape[1], 1, size, size)
+    p = size // 2
+    return F.conv2d(F.pad(x, (p, p, p, p), mode="reflect"), k, groups=x.shape[1])
+
+
 def make_substrate(adapter, x: Tensor, kind: str, *, seed: Optional[int] = 0, blur_kernel: int = 11,
-                   blur_sigma: float = 5.0) -> Tensor:
-    """The substrate images (B, 3, H, W) in normalised space (see the module docstring)."""
+                   blur_sigma: float = 5.0, space: str = "pixel") -> Tensor:
+    """The substrate images (B, 3, H, W) in normalised space (see the module docstring).
+
+    ``space="normalised"`` builds them as the TIS code does, on the normalised tensor itself."""
+    if space == "normalised":
+        if kind == "blur":
+            return tis_blur(x, blur_kernel, blur_sigma)
+        if kind in ("black", "zero"):
+            return torch.zeros_like(x)
+        if kind == "mean":
+            return x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x).contiguous()
+        if kind == "random":
+            return torch.rand(x.shape, generator=generator(seed), dtype=torch.float32).to(device=x.device,
+                                                                                          dtype=x.dtype)
+        raise InputError(f"unknown substrate '{kind}'; choose one of {', '.join(SUBSTRATES)}.")
     mean, std = pixel_stats(adapter, x)
     if kind == "blur":
         return blur(x, blur_kernel, blur_sigma)
@@ -115,10 +174,16 @@ def make_substrate(adapter, x: Tensor, kind: str, *, seed: Optional[int] = 0, bl
     raise InputError(f"unknown substrate '{kind}'; choose one of {', '.join(SUBSTRATES)}.")
 
 
-def saliency_rank(maps: Tensor) -> Tensor:
-    """(B, H*W) rank of every pixel (0 = most salient); ties in raster order."""
+def saliency_rank(maps: Tensor, ties: str = "raster") -> Tensor:
+    """(B, H*W) rank of every pixel (0 = most salient); ties in raster order (``"raster"``) or in
+    reverse raster order (``"reverse_raster"``: TIS's ``flip(argsort(...))``, see the module docstring)."""
     flat = maps.reshape(maps.shape[0], -1)
-    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    if ties == "raster":
+        order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    elif ties == "reverse_raster":
+        order = torch.sort(flat, dim=1, stable=True).indices.flip(-1)
+    else:
+        raise InputError(f"unknown tie order '{ties}'; choose one of {', '.join(TIE_BREAKS)}.")
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
     return rank
@@ -135,11 +200,11 @@ def step_counts(n_pixels: int, n_steps: int, start_point: bool = True) -> Tensor
 
 def causal_curves(adapter, x: Tensor, maps: Tensor, target, *, mode: str, substrate: Tensor,
                   counts: Tensor, score: str = "prob", batch_size: Optional[int] = None,
-                  progress: Optional[bool] = None) -> Tensor:
+                  progress: Optional[bool] = None, ties: str = "raster") -> Tensor:
     """(B, len(counts)) target scores after changing the ``counts[k]`` top-ranked pixels of each image."""
     B, C, H, W = x.shape
     K = counts.numel()
-    rank = saliency_rank(maps).to(x.device)
+    rank = saliency_rank(maps, ties).to(x.device)
     counts = counts.to(x.device)
     tgt = target.repeat_interleave(K)
     gh, gw = adapter.grid_size(x)
@@ -165,8 +230,25 @@ def causal_curves(adapter, x: Tensor, maps: Tensor, target, *, mode: str, substr
     return out.reshape(B, K)
 
 
+def raw_to_input(raw_maps, x: Tensor) -> Tensor:
+    """Raw native-resolution maps (B, h, w) at the input size: bilinear upsampling
+    (``align_corners=False``, as torchvision ``Resize`` on a tensor does when enlarging); maps already at
+    the input size are returned unchanged."""
+    from ..explanation import upsample
+
+    raw = torch.as_tensor(raw_maps).to(device=x.device, dtype=torch.float32)
+    if raw.dim() != 3 or raw.shape[0] != x.shape[0]:
+        raise InputError(f"raw_maps must be (B, h, w) with B = {x.shape[0]}, got {tuple(raw.shape)}.")
+    if tuple(raw.shape[-2:]) != tuple(x.shape[-2:]):
+        raw = upsample(raw, tuple(x.shape[-2:]))
+    if not torch.isfinite(raw).all():
+        raise InputError("raw_maps contain NaN or infinite values.")
+    return raw
+
+
 def _run(mode: str, model, x: Tensor, maps, targets, *, protocol: str, substrate: Optional[str], n_steps: int,
-         score: str, blur_kernel: int, blur_sigma: float, seed: Optional[int], batch_size, progress) -> MetricResult:
+         score: str, blur_kernel: int, blur_sigma: float, seed: Optional[int], batch_size, progress,
+         raw_maps=None) -> MetricResult:
     from ..models import wrap_model
 
     if protocol not in PROTOCOLS:
@@ -182,22 +264,31 @@ def _run(mode: str, model, x: Tensor, maps, targets, *, protocol: str, substrate
     kind = adapter.default_score(tgt) if score == "auto" else score
     H, W = x.shape[-2:]
     counts = step_counts(H * W, n_steps, proto["start_point"])
+    if protocol == "tis_code" and raw_maps is not None:
+        maps = raw_to_input(raw_maps, x)
     with torch.no_grad():
-        subst = make_substrate(adapter, x, sub, seed=seed, blur_kernel=blur_kernel, blur_sigma=blur_sigma)
+        subst = make_substrate(adapter, x, sub, seed=seed, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
+                               space=proto["space"])
     curves = causal_curves(adapter, x, maps, tgt, mode=mode, substrate=subst, counts=counts, score=kind,
-                           batch_size=batch_size, progress=progress).cpu()
+                           batch_size=batch_size, progress=progress, ties=proto["ties"]).cpu()
     xs = counts.double() / (H * W)
-    values = trapezoid(curves.double(), xs).float()
+    if proto["auc"] == "mean":
+        values = curves.double().mean(1).float()
+    else:
+        values = trapezoid(curves.double(), xs).float()
     full = dict(protocol=protocol, substrate=sub, n_steps=int(n_steps), score=kind, blur_kernel=blur_kernel,
                 blur_sigma=blur_sigma, seed=seed, start_point=proto["start_point"],
-                pixels_per_step=math.ceil(H * W / int(n_steps)), tie_break=TIE_BREAK, auc="trapezoid over xs")
+                pixels_per_step=math.ceil(H * W / int(n_steps)), tie_break=TIE_BREAKS[proto["ties"]],
+                substrate_space=proto["space"], auc=AUC_RULES[proto["auc"]],
+                ranked="raw_maps upsampled" if (protocol == "tis_code" and raw_maps is not None) else "maps")
     return MetricResult(values=values, curves=curves, xs=xs.float(), protocol=full)
 
 
 @register_metric("insertion", higher_is_better=True)
 def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", substrate: Optional[str] = None,
               n_steps: int = 224, score: str = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
-              seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> MetricResult:
+              seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,
+              raw_maps=None) -> MetricResult:
     """Insertion AUC (RISE Sec. 4.1): start from the substrate, restore the most salient pixels first.
 
     Higher is better. ``substrate=None`` takes the protocol's (``"blur"`` for every named protocol);
@@ -207,13 +298,14 @@ def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", 
     """
     return _run("insertion", model, x, maps, targets, protocol=protocol, substrate=substrate, n_steps=n_steps,
                 score=score, blur_kernel=blur_kernel, blur_sigma=blur_sigma, seed=seed, batch_size=batch_size,
-                progress=progress)
+                progress=progress, raw_maps=raw_maps)
 
 
 @register_metric("deletion", higher_is_better=False)
 def deletion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", substrate: Optional[str] = None,
              n_steps: int = 224, score: str = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
-             seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> MetricResult:
+             seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,
+             raw_maps=None) -> MetricResult:
     """Deletion AUC (RISE Sec. 4.1): replace the most salient pixels by the substrate first.
 
     Lower is better. ``substrate=None`` takes the protocol's (``"blur"`` for ``"paper"`` and
@@ -223,4 +315,4 @@ def deletion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", s
     """
     return _run("deletion", model, x, maps, targets, protocol=protocol, substrate=substrate, n_steps=n_steps,
                 score=score, blur_kernel=blur_kernel, blur_sigma=blur_sigma, seed=seed, batch_size=batch_size,
-                progress=progress)
+                progress=progress, raw_maps=raw_maps)

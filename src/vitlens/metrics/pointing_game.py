@@ -11,11 +11,22 @@ maximum is attained at several pixels the image is a hit only if *all* of them a
 the share of the map's positive mass inside the boxes, sum_{p in box} max(L_p, 0) / sum_p max(L_p, 0)
 (0 for a map with no positive mass); the same exclusion rule applies. Images with no box pixel at all
 are excluded too.
+
+``protocol="tis_code"`` is the TIS authors' ``metrics/pointing_game.py`` (``PointingGame``,
+``max_overlap=0.5``, ``config/metric/pointing_game.yaml``): the box mask is built by integer slicing,
+``mask[int(y0):int(y1), int(x0):int(x1)] = 1`` for each box on the input grid (coordinates truncated
+towards zero, end exclusive), from ``box_coords`` (the boxes after the data transform); an image is
+kept when the mask covers strictly less than ``max_box_fraction`` of the pixels (``<``, not ``<=``);
+the score is ``mask.flatten()[saliency.flatten().argmax()]``: the *first* maximum in raster order
+(torch's ``argmax``), 1 inside, 0 outside. An image whose boxes were all cropped away has an empty
+mask, covers 0 < 0.5, and counts as a miss (0), as in the code. The map is the method's raw output
+upsampled bilinearly to the input size (``raw_maps``; TIS's ``evaluate.py`` ``Resize``), else ``maps``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -84,11 +95,41 @@ def pointing_energy(maps: Tensor, boxes: Tensor, *, max_box_fraction: Optional[f
     return torch.where(excl, torch.full_like(out, float("nan")), out)
 
 
+def tis_box_mask(box_coords, size: tuple[int, int]) -> Tensor:
+    """(H, W) float mask of TIS's ``PointingGame``: ``mask[int(y0):int(y1), int(x0):int(x1)] = 1`` per box."""
+    H, W = int(size[0]), int(size[1])
+    b = torch.as_tensor(np.asarray(box_coords, dtype=np.float64).reshape(-1, 4))
+    ys = torch.arange(H)[:, None]
+    xs = torch.arange(W)[None, :]
+    m = torch.zeros(H, W, dtype=torch.bool)
+    if len(b):
+        ib = b.trunc().long()  # Python int() truncates towards zero
+        x0, y0, x1, y1 = (ib[:, k, None, None] for k in range(4))
+        m = ((ys >= y0.clamp(min=0)) & (ys < y1) & (xs >= x0.clamp(min=0)) & (xs < x1)).any(0)
+    return m.float()
+
+
+def pointing_tis_code(maps: Tensor, box_coords, *, max_box_fraction: Optional[float] = 0.5) -> Tensor:
+    """Per-image TIS pointing game: 1 hit, 0 miss, NaN when the box mask covers >= ``max_box_fraction``."""
+    B, H, W = maps.shape
+    if box_coords is None or len(box_coords) != B:
+        raise InputError("pointing_game protocol 'tis_code' needs box_coords: one (n, 4) array of input-grid "
+                         "boxes (x0, y0, x1, y1) per image.")
+    masks = torch.stack([tis_box_mask(bc, (H, W)) for bc in box_coords]).to(maps.device)
+    first = maps.reshape(B, -1).argmax(1)  # first maximum (torch.argmax)
+    hit = masks.reshape(B, -1).gather(1, first[:, None])[:, 0]
+    cover = masks.reshape(B, -1).sum(1) / (H * W)
+    if max_box_fraction is None:
+        return hit
+    return torch.where(cover < max_box_fraction, hit, torch.full_like(hit, float("nan")))
+
+
 @register_metric("pointing_game", higher_is_better=True, needs=("boxes",))
 def pointing_game(model, x: Tensor, maps, targets=None, *, boxes: Tensor, tolerance: float = 0.0,
                   max_box_fraction: Optional[float] = 0.5, variant: str = "hit",
                   coverage: Optional[Tensor] = None, batch_size: Optional[int] = None,
-                  progress: Optional[bool] = None) -> MetricResult:
+                  progress: Optional[bool] = None, protocol: str = "default", raw_maps=None,
+                  box_coords=None) -> MetricResult:
     """Pointing game (Zhang et al. 2018) per image: 1 hit, 0 miss, NaN excluded; ``.mean()`` is the hit rate.
 
     Args:
@@ -107,6 +148,21 @@ def pointing_game(model, x: Tensor, maps, targets=None, *, boxes: Tensor, tolera
     map is never a hit unless the box region covers the whole image).
     """
     maps = check_maps(maps, x if isinstance(x, Tensor) else None)
+    if protocol == "tis_code":
+        if variant != "hit" or tolerance:
+            raise InputError("pointing_game protocol 'tis_code' has no tolerance or energy variant.")
+        if raw_maps is not None:
+            from .causal import raw_to_input
+
+            maps = raw_to_input(raw_maps, maps[:, None].expand(-1, 3, -1, -1))
+        vals = pointing_tis_code(maps, box_coords, max_box_fraction=max_box_fraction)
+        return MetricResult(values=vals.cpu(), protocol=dict(protocol="tis_code", max_box_fraction=max_box_fraction,
+                                                             ties="first maximum (argmax)",
+                                                             keep="coverage < max_box_fraction",
+                                                             boxes="int() truncated slices",
+                                                             ranked="raw_maps" if raw_maps is not None else "maps"))
+    if protocol != "default":
+        raise InputError(f"unknown pointing_game protocol '{protocol}'; choose 'default' or 'tis_code'.")
     boxes = torch.as_tensor(boxes).to(maps.device)
     if variant == "hit":
         vals = pointing_hits(maps, boxes, tolerance=tolerance, max_box_fraction=max_box_fraction, coverage=coverage)

@@ -10,6 +10,18 @@ Noise layout and values equal Captum's on the same seed: one ``uniform_(-r, r)``
 ordered image-major (``repeat_interleave``). A zero explanation norm is replaced by 1 (Captum).
 ``Phi(x)`` is the given ``maps``; ``Phi(x + d)`` comes from ``explainer`` on the perturbed batch,
 explaining the same targets. Lower is better.
+
+``protocol="tis_code"``: as the TIS authors' ``metrics/sensitivity.py`` (Captum ``sensitivity_max``,
+``n_perturb_samples=10``, ``perturb_radius=0.02``, ``config/metric/sensitivity_max.yaml``) sees the
+maps: the method's *raw* output at its native resolution (the wrapper reshapes ``method(...)`` to
+(1, 1, h, w) without upsampling or normalising: a 14 x 14 token map for TIS, a 224 x 224 pixel map for
+RISE / ViT-CX / IG). ``Phi(x)`` is ``raw_maps`` (what ``vitlens bench`` stored for the image; Captum
+recomputes it, which for a random method is a new draw), else one ``explain(normalise=False)`` call.
+``Phi(x + d_i)`` comes from ``explain(normalise=False)`` on the i-th perturbed copies of the batch with
+seed ``seed + 1 + i``: in TIS's run each call of a random method draws new masks/noise from the global
+generator, except where the authors' wrapper fixes the draw once at construction (RISE: ``RISEWrapper``
+calls ``generate_masks`` in ``__init__``), for which the same ``seed`` is reused
+(:data:`FIXED_DRAW_METHODS`).
 """
 from __future__ import annotations
 
@@ -37,11 +49,52 @@ def _make_explainer(adapter, explainer, method, method_params, tgt, seed) -> Cal
     return lambda xs, t: explain(adapter, xs, method=method, target=t, seed=seed, progress=False, **params).maps
 
 
+#: methods whose random draw the TIS comparison wrappers fix once (``comparison_methods/rise_wrapper.py``)
+FIXED_DRAW_METHODS = frozenset({"rise"})
+
+
+def _raw_native(exp) -> Tensor:
+    """The raw native-resolution maps of an ``explain(normalise=False)`` result."""
+    return (exp.token_maps if exp.token_maps is not None else exp.maps).float()
+
+
+def _tis_code(adapter, x: Tensor, tgt, raw_maps, method, method_params, radius, n, seed) -> Tensor:
+    from ..api import explain
+
+    if method is None:
+        raise InputError("max_sensitivity protocol 'tis_code' needs method='<name>' (and method_params).")
+    params = dict(method_params or {})
+    B = x.shape[0]
+    if raw_maps is None:
+        ref = _raw_native(explain(adapter, x, method=method, target=tgt, seed=seed, progress=False,
+                                  normalise=False, **params))
+    else:
+        ref = torch.as_tensor(raw_maps).to(device=x.device, dtype=torch.float32)
+    ref = ref.reshape(B, -1).double()
+    xe = x.repeat_interleave(n, dim=0)
+    noise = torch.empty(xe.shape, dtype=torch.float32).uniform_(-radius, radius, generator=generator(seed))
+    xp = (xe + noise.to(device=x.device, dtype=x.dtype)).reshape(B, n, *x.shape[1:])
+    diffs = torch.empty(B, n, dtype=torch.float64, device=x.device)
+    fixed = method in FIXED_DRAW_METHODS
+    base = 0 if seed is None else int(seed)
+    for i in range(n):  # one explain call per Monte Carlo sample (each with its own seed), batched over images
+        s_i = seed if fixed else base + 1 + i
+        pm = _raw_native(explain(adapter, xp[:, i], method=method, target=tgt, seed=s_i, progress=False,
+                                 normalise=False, **params)).reshape(B, -1).double()
+        if pm.shape != ref.shape:
+            raise InputError(f"max_sensitivity: raw maps of shape {tuple(pm.shape)} do not match the stored raw "
+                             f"maps {tuple(ref.shape)}.")
+        diffs[:, i] = torch.linalg.vector_norm(pm - ref, dim=1)
+    norm = torch.linalg.vector_norm(ref, dim=1)
+    norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+    return (diffs / norm[:, None]).max(1).values
+
+
 @register_metric("max_sensitivity", higher_is_better=False)
 def max_sensitivity(model, x: Tensor, maps, targets=None, *, explainer: Optional[Callable] = None,
                     method: Optional[str] = None, method_params: Optional[dict] = None, radius: float = 0.02,
                     n_samples: int = 10, seed: Optional[int] = 0, batch_size: Optional[int] = None,
-                    progress: Optional[bool] = None) -> MetricResult:
+                    progress: Optional[bool] = None, protocol: str = "default", raw_maps=None) -> MetricResult:
     """Max-sensitivity per image (see the module docstring).
 
     Args:
@@ -61,6 +114,15 @@ def max_sensitivity(model, x: Tensor, maps, targets=None, *, explainer: Optional
     if int(n_samples) < 1:
         raise InputError(f"n_samples must be >= 1, got {n_samples}.")
     tgt = adapter.resolve_target(targets, x=x)
+    if protocol == "tis_code":
+        vals = _tis_code(adapter, x, tgt, raw_maps, method, method_params, radius, int(n_samples), seed)
+        return MetricResult(values=vals.float().cpu(), curves=None,
+                            protocol=dict(protocol="tis_code", radius=radius, n_samples=int(n_samples), seed=seed,
+                                          norm="fro", maps="raw native", method=method,
+                                          method_params=dict(method_params or {}),
+                                          perturbed_seeds="same" if method in FIXED_DRAW_METHODS else "seed+1+i"))
+    if protocol != "default":
+        raise InputError(f"unknown max_sensitivity protocol '{protocol}'; choose 'default' or 'tis_code'.")
     fn = _make_explainer(adapter, explainer, method, method_params, tgt, seed)
     B = x.shape[0]
     n = int(n_samples)

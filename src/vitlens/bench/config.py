@@ -17,7 +17,9 @@ A config file holds the same keys as the command line (dashes or underscores)::
     [metric_params.insertion]
     steps = 56
 
-Precedence: preset < config file < command-line options.
+Precedence: preset < config file < command-line options. ``--metric-param`` values are merged into the
+preset's protocol of that metric; ``--methods a,b`` on top of a preset selects entries and keeps the
+preset's parameters for them (``--method-param`` then overrides single parameters).
 """
 from __future__ import annotations
 
@@ -180,10 +182,22 @@ def build_config(cli: dict, file: Optional[str] = None, preset: Optional[str] = 
     if preset:
         merged.update(get_preset(preset))
         merged["preset"] = preset
+    preset_methods = merged.get("methods")
     merged.update(file_data)
     method_params = cli.pop("method_params", None) or {}
     for k, v in cli.items():
-        if v is not None:
+        if v is None:
+            continue
+        if k == "metric_params" and isinstance(merged.get(k), dict):  # per-metric merge: keep the preset's rest
+            mp = {m: dict(p) for m, p in merged[k].items()}
+            for m, p in v.items():
+                mp.setdefault(m, {}).update(p)
+            merged[k] = mp
+        elif k == "methods" and isinstance(preset_methods, dict) and isinstance(v, (str, list)):
+            # a list of names selects method entries; entries of the preset keep the preset's parameters
+            names = [m.strip() for m in v.split(",") if m.strip()] if isinstance(v, str) else list(v)
+            merged[k] = {n: dict(preset_methods.get(n, {})) if isinstance(n, str) else n for n in names}
+        else:
             merged[k] = v
     cfg = BenchConfig(**merged)
     cfg.methods = parse_methods(cfg.methods)

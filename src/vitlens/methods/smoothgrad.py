@@ -8,7 +8,8 @@ Protocol choices:
 
 * ``n_samples = 50`` noisy copies; ``sigma = noise_level * (x_max - x_min)`` per image, measured in
   the model's normalised space (the paper's noise level sigma / (x_max - x_min); it recommends 10-20 %,
-  default 0.15);
+  default 0.15); ``noise_sigma`` instead fixes sigma in normalised units (Captum ``NoiseTunnel``'s
+  ``stdevs``, default 1.0, used as is by TIS's ``comparison_methods/captum_wrapper.py``);
 * the noise is drawn from a seeded CPU generator (``vitlens.batching.generator``), once per call as
   (n_samples, 3, H, W) standard normals shared by the images of the batch, so an image's map does not
   depend on its batch companions nor on the device; Captum's ``NoiseTunnel`` computes the same estimator
@@ -40,7 +41,7 @@ from .integrated_gradients import GRAD_ACTIVATIONS_PER_TOKEN
 def smoothgrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
                batch_size: Optional[int] = None, progress: Optional[bool] = None, n_samples: int = 50,
                noise_level: float = 0.15, average: str = "grad", reduce: str = "abs_sum", score: str = "auto",
-               noise: Optional[Tensor] = None) -> MethodResult:
+               noise: Optional[Tensor] = None, noise_sigma: Optional[float] = None) -> MethodResult:
     """SmoothGrad (pixel maps).
 
     Args:
@@ -50,6 +51,8 @@ def smoothgrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[in
         reduce: colour-channel reduction (see :func:`reduce_channels`).
         score: ``"prob"``, ``"logit"``, ``"similarity"`` or ``"auto"``.
         noise: optional fixed (n, 3, H, W) standard-normal samples (then ``n_samples`` is ignored).
+        noise_sigma: absolute sigma in the normalised input space (replaces ``noise_level``; Captum's
+            ``NoiseTunnel`` default ``stdevs=1.0``).
     """
     from captum.attr import Saliency
 
@@ -70,7 +73,12 @@ def smoothgrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[in
     n = noise.shape[0]
     outputs, tgt, kind = clean_pass(adapter, x, target, score)
     flat = x.reshape(B, -1)
-    sigma = noise_level * (flat.max(1).values - flat.min(1).values)  # (B,)
+    if noise_sigma is not None:
+        if noise_sigma < 0:
+            raise InputError(f"smoothgrad noise_sigma must be >= 0, got {noise_sigma}.")
+        sigma = torch.full((B,), float(noise_sigma), device=x.device, dtype=x.dtype)
+    else:
+        sigma = noise_level * (flat.max(1).values - flat.min(1).values)  # (B,)
     total = B * n
     bs = resolve_batch_size(batch_size, adapter, tokens_per_input(adapter, x), total,
                             activations_per_token=GRAD_ACTIVATIONS_PER_TOKEN)

@@ -73,7 +73,7 @@ def coverage_weighted_sum(keep: Tensor, weights: Tensor, n_tokens: int) -> Tenso
 def tis(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0, batch_size: Optional[int] = None,
         progress: Optional[bool] = None, n_masks: int = 1024, ratio: float = 0.5, score: str = "auto",
         kmeans_init: str = "random", max_iter: int = 100, tol: float = 1e-4, empty_clusters: str = "keep",
-        return_masks: bool = False) -> MethodResult:
+        return_masks: bool = False, normalise_output: bool = False) -> MethodResult:
     """TIS saliency.
 
     Args:
@@ -85,6 +85,10 @@ def tis(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
         max_iter, tol: K-Means stopping rule (reference: 100 and 1e-4).
         empty_clusters: ``"keep"`` an empty cluster's previous centroid, or ``"zero"`` (reference code).
         return_masks: put the kept indices and mask scores in ``extras``.
+        normalise_output: min-max normalise the token map before returning it (``map - min``, then
+            ``/ max``), as the reference code's ``normalise=True`` default does (``tis/tis.py``,
+            ``generate_saliency``); changes only the raw map (``explain(normalise=False)``), which the
+            TIS protocols of sparseness and max-sensitivity read.
     """
     adapter.require("token subsets (a ViT encoder)", hasattr(adapter, "forward_subset") and bool(adapter.blocks), "tis")
     if n_masks < 1:
@@ -113,6 +117,10 @@ def tis(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
                 bar.update(sl.stop - sl.start)
         weights = weights.reshape(B, n_m)
         sal = coverage_weighted_sum(keep, weights, n_tokens)
+        if normalise_output:
+            sal = sal - sal.min(1, keepdim=True).values
+            top = sal.max(1, keepdim=True).values
+            sal = sal / torch.where(top > 0, top, torch.ones_like(top))  # a constant map stays 0 (no 0/0)
     gh, gw = adapter.grid_size(x)
     extras = {"n_masks": n_m, "n_keep": n_k, "score": kind}
     if return_masks:

@@ -45,7 +45,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (results.sqlite, logs/, results.md/csv, report.html)")
     p.add_argument("--transform", choices=["model", "tis"],
                    help="data pipeline: model (the model's eval transform, default) or tis (TIS evaluation code)")
-    p.add_argument("--subset", help="named image subset, e.g. tis5000 (needs the full LOC_val_solution.csv)")
+    p.add_argument("--subset", help="named image subset, e.g. tis5000 (needs the full LOC_val_solution.csv); none = all images")
     p.add_argument("--print-config", action="store_true",
                    help="print the fully resolved run (every method parameter and metric protocol) and exit")
     return p

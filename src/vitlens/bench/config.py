@@ -85,6 +85,8 @@ class BenchConfig:
         from ..data.transforms import check_transform
 
         check_transform(self.transform)
+        if isinstance(self.subset, str) and self.subset.lower() in ("", "none", "all"):
+            self.subset = None  # --subset none: every image of --data (overrides a preset's subset)
         if self.subset is not None and self.subset not in SUBSETS:
             raise InputError(f"unknown subset '{self.subset}'; choose one of {', '.join(SUBSETS)}.")
         labels = [m.label for m in self.methods]

@@ -44,13 +44,18 @@ Named protocols:
 
   - every substrate is built on the *normalised* input tensor (``metrics/utils.py``): ``"black"`` =
     ``torch.zeros_like`` (the normalisation mean colour, not pixel black), ``"random"`` =
-    ``torch.rand_like`` U[0, 1) in normalised units (seeded by ``seed``), ``"mean"`` = one scalar, the
+    ``torch.rand_like`` U[0, 1) in normalised units (here one noise image drawn from ``seed`` and used for
+    every image, so a value does not depend on the batch; TIS draws from the global generator per
+    image), ``"mean"`` = one scalar, the
     image tensor's mean over channels and pixels, ``"blur"`` = torchvision's ``gaussian_blur`` with an
     11 x 11 kernel, sigma 5 (sampled Gaussian on ``linspace(-5, 5, 11)``, normalised to sum 1) and its
     *reflect* padding (:func:`tis_blur`);
-  - ranking ``torch.flip(saliency.view(-1, HW).argsort(), dims=[-1])``: torch's CPU sort is stable,
-    so equal saliency ends in *descending* flat index (the later raster pixel is changed first);
-    implemented as a stable ascending sort, flipped (:func:`saliency_rank` ``ties="reverse_raster"``);
+  - ranking ``torch.flip(saliency.view(-1, HW).argsort(), dims=[-1])``, run on CUDA (``evaluate.py``),
+    where torch sorts a row longer than 4096 elements (HW = 50176) with a stable segmented radix sort
+    (the unstable bitonic sort is only used for short rows): equal saliency therefore ends in
+    *descending* flat index (the later raster pixel is changed first). Implemented as a stable
+    ascending sort, flipped (:func:`saliency_rank` ``ties="reverse_raster"``), on every device (torch's
+    CPU ``argsort`` without ``stable=True`` is not stable and would give an arbitrary order);
   - ``n_steps`` = 224, ``ceil(HW / n)`` pixels per step, the curve holds the ``n`` softmax scores of the
     target *after* steps 1..n (no untouched point; xs = k / n);
   - AUC: the repository stores the per-step scores (one CSV row per image) and has no AUC code; the
@@ -155,9 +160,9 @@ def make_substrate(adapter, x: Tensor, kind: str, *, seed: Optional[int] = 0, bl
             return torch.zeros_like(x)
         if kind == "mean":
             return x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x).contiguous()
-        if kind == "random":
-            return torch.rand(x.shape, generator=generator(seed), dtype=torch.float32).to(device=x.device,
-                                                                                          dtype=x.dtype)
+        if kind == "random":  # one seeded noise image for every image: independent of batch composition
+            noise = torch.rand((1, *x.shape[1:]), generator=generator(seed), dtype=torch.float32)
+            return noise.to(device=x.device, dtype=x.dtype).expand_as(x).contiguous()
         raise InputError(f"unknown substrate '{kind}'; choose one of {', '.join(SUBSTRATES)}.")
     mean, std = pixel_stats(adapter, x)
     if kind == "blur":

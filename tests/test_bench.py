@@ -266,7 +266,7 @@ def test_config_file_cli_precedence_and_errors(tmp_path):
     with pytest.raises(InputError, match="unknown preset"):
         build_config({"preset": "nope"})
     cfg = build_config({"preset": "tis-vit"})
-    assert cfg.methods[0].params["n_masks"] == 1024 and "insertion" in cfg.metrics
+    assert cfg.methods[0].params["n_masks"] == 1024 and "insertion_blur" in cfg.metrics
     import argparse
     ns = add_bench_arguments(argparse.ArgumentParser()).parse_args(["--shard", "1/3", "--no-resume"])
     assert ns.shard == "1/3" and ns.resume is False

@@ -377,3 +377,45 @@ def test_real_vit_ti_tis_code_all_substrates(real_model):
                 # identical inputs and model, other batch groupings: float32 softmax rounding only
                 torch.testing.assert_close(res.curves[b], ref, atol=1e-5, rtol=1e-4)
                 assert abs(float(res.values[b]) - float(ref.double().mean())) < 1e-5
+
+
+@pytest.mark.integration
+def test_bench_stores_raw_maps_and_feeds_tis_code_metrics(real_model, tmp_path):
+    """The bench runs the TIS pipeline, stores the raw native maps (float32) beside the normalised ones,
+    and its tis_code rows equal direct metric calls on those raw maps and the TIS box coordinates."""
+    import sqlite3
+
+    from vitlens.bench import BenchConfig, run_bench
+    from vitlens.bench.store import decode_map
+    from vitlens.data import ImageNetBoxes
+    from vitlens.data.transforms import tis_images
+
+    torch.set_num_threads(1)
+    data = SHARED / "data" / "imagenet-val-sample"
+    mp = {"insertion_black": {"metric": "insertion", "protocol": "tis_code", "substrate": "black", "n_steps": 4},
+          "pointing_game": {"protocol": "tis_code"}, "sparseness": {"protocol": "tis_code"}}
+    cfg = BenchConfig(out=str(tmp_path / "b"), model="vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+                      weights=str(SHARED / "models"), data=str(data), transform="tis",
+                      methods={"rollout": {"discard_ratio": 0.9, "variant": "vit_explain"}},
+                      metrics=list(mp), metric_params=mp, limit=2, batch_size=2, report=False)
+    assert run_bench(cfg)["rows"] == 6
+    ds = ImageNetBoxes(data)
+    x = tis_images([ds[i].path for i in range(2)])
+    labels = [ds[i].label for i in range(2)]
+    raw = vitlens.explain(real_model, x, method="rollout", target=labels, discard_ratio=0.9, variant="vit_explain",
+                          normalise=False).token_maps
+    con = sqlite3.connect(str(tmp_path / "b" / "results.sqlite"))
+    stored = [decode_map(blob, shape) for blob, shape in
+              con.execute("SELECT map, shape FROM maps WHERE run_key LIKE '%:raw' ORDER BY image_id")]
+    torch.testing.assert_close(torch.from_numpy(np.stack(stored)), raw, atol=0, rtol=0)  # float32, same calls
+    vals = {m: [v for (v,) in con.execute("SELECT value FROM results WHERE metric=? ORDER BY image_id", (m,))]
+            for m in mp}
+    ins = insertion(real_model, x, torch.zeros(2, 224, 224), labels, protocol="tis_code", substrate="black",
+                    n_steps=4, raw_maps=raw).values
+    np.testing.assert_allclose(vals["insertion_black"], ins.numpy(), atol=1e-6)
+    sp = get_metric("sparseness").fn(None, x, torch.zeros(2, 224, 224), protocol="tis_code", raw_maps=raw).values
+    np.testing.assert_allclose(vals["sparseness"], sp.numpy(), atol=1e-7)
+    boxes = [ds.input_boxes(i, (224, 224), 0.9, "tis") for i in range(2)]
+    pg = get_metric("pointing_game").fn(None, x, torch.zeros(2, 224, 224), boxes=None, protocol="tis_code",
+                                        raw_maps=raw, box_coords=boxes).values.numpy()
+    np.testing.assert_array_equal(np.array(vals["pointing_game"], dtype=float), np.where(np.isnan(pg), np.nan, pg))

@@ -186,9 +186,9 @@ def test_default_feature_is_authors_norm1():
     module = tiny_timm("vit")
     x = _images(1)
     ref, _ = reference_vitcx("timm_vit", module, x, [3], site="norm1", delta=0.2)
-    exp = vitlens.explain(module, x, method="vitcx", target=3, delta=0.2)
+    exp = vitlens.explain(module, x, method="vitcx", target=3, delta=0.2, normalise=False)
     assert exp.extras["feature"] == "norm1"
-    torch.testing.assert_close(exp.maps, ref, atol=1e-4, rtol=0)
+    close_to_scale(exp.maps, ref, rtol=1e-4)  # see test_matches_reference
 
 
 def test_default_delta():
@@ -298,8 +298,10 @@ def test_seeded_and_batch_independent():
     # raw (un-normalised) saliency: min-max would divide rounding by the map's range
     close_to_scale(e1.maps, e2.maps, rtol=1e-4)
     close_to_scale(e1.maps[2:], one.maps, rtol=1e-4)
-    diff = (e1.maps - other.maps).abs().amax()  # another noise seed changes the map by far more than rounding
-    assert diff > 1e-2 * e1.maps.abs().amax()
+    # another noise seed changes the map by far more than rounding (10x the 1e-4 relative bound used above;
+    # with the default norm1 features the tiny model gives many masks, so the noise averages out more)
+    diff = (e1.maps - other.maps).abs().amax()
+    assert diff > 1e-3 * e1.maps.abs().amax()
 
 
 def test_no_backward_no_parameter_change():

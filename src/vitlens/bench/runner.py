@@ -212,6 +212,10 @@ def load_images(model, paths: list, transform: str = "model") -> torch.Tensor:
     return x
 
 
+def _reads_raw(m: BoundMetric) -> bool:
+    return "raw_maps" in m.accepts and m.protocol.get("protocol") == "tis_code"
+
+
 def normalised_and_raw(exp, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """From an ``explain(normalise=False)`` result: the maps ``explain()`` returns by default
     (min-max per token map, bilinear upsampling, min-max again; the same operations in the same order)
@@ -376,7 +380,9 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
             cache["data"] = data.data_for(batch, model.input_size, model.crop_pct, cfg.transform)
         return cache["data"]
 
-    raw_needed = any("raw_maps" in m.accepts for m in metrics)
+    # metrics whose protocol reads the raw native maps (the TIS code's); older stores without raw maps are
+    # only recomputed when such a metric is asked for
+    raw_needed = any(_reads_raw(m) for m in metrics)
     for spec in cfg.methods:
         rk = run_keys[spec.label]
         have = store.done_maps(rk, ids)
@@ -407,7 +413,7 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
             x = images()[todo]
             d = {k: (v[todo] if isinstance(v, torch.Tensor) else [v[i] for i in todo])
                  for k, v in batch_data().items()}
-            if "raw_maps" in m.accepts:
+            if _reads_raw(m):
                 d["raw_maps"] = torch.from_numpy(store.get_maps(rk + RAW_SUFFIX, [ids[i] for i in todo])[0])
             t0 = time.perf_counter()
             res = m(model, x, torch.from_numpy(maps).to(x.device), tg, d, cfg.forward_batch_size,

@@ -298,8 +298,10 @@ def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", 
 
     Higher is better. ``substrate=None`` takes the protocol's (``"blur"`` for every named protocol);
     see the module docstring for the ranking, steps, curve end points (x = 0 is the pure substrate
-    unless ``protocol="tis_code"``), score (softmax probability), tie-breaking (raster order) and the
-    trapezoid AUC. Returns ``values`` (B,) AUC, ``curves`` (B, n_points), ``xs`` (n_points,).
+    unless ``protocol="tis_code"``), score (softmax probability), tie-breaking (raster order; reverse
+    raster for ``"tis_code"``) and the AUC (trapezoid; mean of the n scores for ``"tis_code"``).
+    ``raw_maps`` (B, h, w): the method's raw native maps, ranked instead of ``maps`` by ``"tis_code"``.
+    Returns ``values`` (B,) AUC, ``curves`` (B, n_points), ``xs`` (n_points,).
     """
     return _run("insertion", model, x, maps, targets, protocol=protocol, substrate=substrate, n_steps=n_steps,
                 score=score, blur_kernel=blur_kernel, blur_sigma=blur_sigma, seed=seed, batch_size=batch_size,
@@ -316,7 +318,8 @@ def deletion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", s
     Lower is better. ``substrate=None`` takes the protocol's (``"blur"`` for ``"paper"`` and
     ``"tis_code"``, ``"zero"`` for ``"rise_code"``); see the module docstring for the ranking, steps,
     curve end points (x = 0 is the untouched image unless ``protocol="tis_code"``), score (softmax
-    probability), tie-breaking (raster order) and the trapezoid AUC.
+    probability), tie-breaking (raster order; reverse raster for ``"tis_code"``), the AUC (trapezoid;
+    mean of the n scores for ``"tis_code"``) and ``raw_maps``.
     """
     return _run("deletion", model, x, maps, targets, protocol=protocol, substrate=substrate, n_steps=n_steps,
                 score=score, blur_kernel=blur_kernel, blur_sigma=blur_sigma, seed=seed, batch_size=batch_size,

@@ -58,10 +58,12 @@ Named protocols:
     CPU ``argsort`` without ``stable=True`` is not stable and would give an arbitrary order);
   - ``n_steps`` = 224, ``ceil(HW / n)`` pixels per step, the curve holds the ``n`` softmax scores of the
     target *after* steps 1..n (no untouched point; xs = k / n);
-  - AUC: the repository stores the per-step scores (one CSV row per image) and has no AUC code; the
-    published AUC is the mean of those ``n`` scores, ``(1/n) sum_{k=1..n} y_k`` (each step is 1/n
-    wide; ``auc="mean"``). The curves are returned (and stored by ``vitlens bench``), so other rules
-    can be recomputed from them;
+  - AUC: ``evaluate.py`` writes the ``n`` per-step scores of each image to a CSV row; the repository has
+    no AUC code and the paper no formula beyond "area under the curve". The rule implemented is the
+    area of the step curve those scores define, the mean ``(1/n) sum_{k=1..n} y_k`` (score y_k held
+    over the k-th step of width 1/n; ``auc="mean"``), which is what averaging a CSV row gives. A
+    trapezoid over the same n points would differ by ``(y_1 + y_n) / (2n)``. The curves are returned
+    (and stored by ``vitlens bench``), so another rule can be recomputed from them;
   - the map ranked is the method's raw output upsampled bilinearly to the input size (TIS's
     ``evaluate.py`` applies torchvision ``Resize`` to the stored raw map): pass ``raw_maps`` (B, h, w)
     (``vitlens bench`` does, from the raw maps it stores); without it ``maps`` is ranked.
@@ -145,6 +147,9 @@ def tis_blur(x: Tensor, size: int = 11, sigma: float = 5.0) -> Tensor:
     k1 = k1 / k1.sum()
     k = (k1[:, None] * k1[None, :])[None, None].expand(x.shape[1], 1, size, size)
     p = size // 2
+    if min(x.shape[-2:]) <= p:
+        raise InputError(f"the TIS blur pads by reflection ({p} pixels): images must be larger than {p} x {p}, "
+                         f"got {tuple(x.shape[-2:])}.")
     return F.conv2d(F.pad(x, (p, p, p, p), mode="reflect"), k, groups=x.shape[1])
 
 

@@ -89,6 +89,11 @@ def test_tis_blur_is_torchvision_gaussian_blur():
     torch.testing.assert_close(tis_blur(x), want, atol=1e-5, rtol=1e-5)
 
 
+def test_tis_blur_rejects_images_smaller_than_its_reflect_padding():
+    with pytest.raises(InputError, match="reflection"):
+        tis_blur(torch.zeros(1, 3, 5, 40))
+
+
 def test_tis_substrates_are_built_on_the_normalised_tensor(tiny_vit, images):
     x = images
     z = make_substrate(tiny_vit, x, "black", space="normalised")

@@ -113,14 +113,16 @@ class TimmViTAdapter(ViTAdapter):
         m = self.module
         return self.num_prefix_tokens if getattr(m, "pool_include_prefix", False) else 0
 
-    def head_with_pool_attention(self, tokens: Tensor, attn_hook=None) -> Tensor:
+    def head_with_pool_attention(self, tokens: Tensor, attn_hook=None, final_norm: bool = True) -> Tensor:
         """:meth:`head` for ``pool == "map"`` models (timm ``AttentionPoolLatent``, as in SigLIP) with
         the pooler's attention computed explicitly.
 
         ``attn_hook(probs)`` receives the pooler's post-softmax attention (B, heads, latent_len, N_in)
         (``N_in`` = the tokens fed to the pooler: patch tokens, led by :attr:`pool_prefix_columns`
         prefix tokens) and may return a replacement (e.g. a leaf that requires grad). Equal to
-        :meth:`head` up to float error; nothing is modified in place.
+        :meth:`head` up to float error; nothing is modified in place. ``final_norm=False`` feeds the
+        pooler the tokens without the trunk's final norm (what LeGrad's released SigLIP code does,
+        ``legrad/wrapper.py`` ``compute_legrad_siglip``: ``attn_pool(blk.feat_post_mlp)``).
         """
         from .blocks import attention_probs
 
@@ -128,7 +130,7 @@ class TimmViTAdapter(ViTAdapter):
         pool = getattr(m, "attn_pool", None)
         if pool is None:
             raise UnsupportedModelError(f"{self.describe()} has no attentional pooler (pool='{self.pool}').")
-        x = m.norm(tokens)
+        x = m.norm(tokens) if final_norm else tokens
         if not getattr(m, "pool_include_prefix", False):
             x = x[:, self.num_prefix_tokens:]
         B, N, C = x.shape

@@ -81,6 +81,14 @@ class OpenCLIPAdapter(CLIPTextMixin, ViTAdapter):
         t = v.patch_dropout(t)
         return v.ln_pre(t)
 
+    def embed_parts(self, x: Tensor) -> dict:
+        """Pieces of :meth:`embed` (``post`` = ``ln_pre``): see :meth:`TimmViTAdapter.embed_parts`."""
+        v = self.visual
+        t = v.conv1(x)
+        t = t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(t.dtype).reshape(1, 1, -1).expand(t.shape[0], -1, -1)
+        return dict(conv=v.conv1, patches=t, prefix=cls, pos=v.positional_embedding.to(t.dtype)[None], post=v.ln_pre)
+
     def head(self, tokens: Tensor) -> Tensor:
         v = self.visual
         if self.final_ln_after_pool:

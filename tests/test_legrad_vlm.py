@@ -170,3 +170,61 @@ def test_pooling_errors(images):
     a = wrap_tiny("open_clip_siglip")
     with pytest.raises(InputError, match="attentional pooler"):
         vitlens.explain(a, images, "legrad", target="a dog", pooling="mean")
+
+
+# ---------------------------------------------------------------------------- LeGrad supp. eq. 9 / eq. 10 variants
+
+
+def _ref_site_grad(a, x1, prompt, layer, site):
+    """(value, d similarity / d value) at one hook site, one image, through a leaf replacement."""
+    store = {}
+
+    def hook(l, t):
+        if l == layer:
+            store["v"] = t.detach().clone().requires_grad_(True)
+            return store["v"]
+        return None
+
+    hooks = {site: hook}
+    if site != "attn":
+        hooks["attn"] = lambda l, t: None
+    with torch.enable_grad():
+        out = a.forward(x1, hooks=hooks)
+        s = a.score(out, a.resolve_target(prompt, batch=1), "logit")[0]
+        (g,) = torch.autograd.grad(s, store["v"])
+    return store["v"].detach()[0], g[0]
+
+
+@pytest.mark.parametrize("name", ["open_clip", "hf_deit_distilled"])
+def test_attention_cam_legrad_eq10(name, images):
+    a = wrap_tiny(name)
+    tg = "a photo of a dog" if name == "open_clip" else 3
+    got = vitlens.explain(a, images, "attention_cam", target=tg, variant="legrad", normalise=False).token_maps
+    P = a.num_prefix_tokens
+    for i in range(2):
+        A, G = _ref_site_grad(a, images[i:i + 1], tg, a.num_blocks - 1, "attn")  # (H, T, T)
+        cam = 0
+        for h in range(A.shape[0]):  # head sum of (gradient mean over all T x T positions) * CLS row
+            cam = cam + G[h].sum() / G[h].numel() * A[h, 0, P:]
+        ref = cam.reshape(4, 4)
+        assert (ref < 0).any() or (ref > 0).all()  # no ReLU: negative values survive
+        _close(got[i], ref)
+
+
+@pytest.mark.parametrize("name", ["open_clip", "timm_registers"])
+def test_gradcam_legrad_eq9(name, images):
+    m = TINY_FACTORIES[name]()
+    a = wrap_tiny(name, m)
+    tg = "a photo of a dog" if name == "open_clip" else 3
+    got = vitlens.explain(a, images, "gradcam", target=tg, variant="legrad", normalise=False).token_maps
+    P = a.num_prefix_tokens
+    for i in range(2):
+        Z, G = _ref_site_grad(a, images[i:i + 1], tg, a.num_blocks - 1, "input")  # (T, D)
+        alpha = G.sum(0) / G.shape[0]  # every token, prefix included
+        cam = torch.stack([torch.relu((alpha * Z[t]).sum() / Z.shape[1]) for t in range(P, Z.shape[0])])
+        if cam.max() == 0:
+            assert got[i].abs().max() == 0
+            continue
+        _close(got[i], cam.reshape(4, 4))
+    default = vitlens.explain(a, images, "gradcam", target=tg, normalise=False).token_maps
+    assert not torch.allclose(default, got)

@@ -183,6 +183,7 @@ def test_every_method_runs_or_gives_the_clear_error(name, images):
     UnsupportedModelError; on pooler models (no CLS row) the CLS-row methods refuse, LeGrad runs."""
     a = wrap_tiny(name)
     target = PROMPTS[0] if name in TEXT_FAMILIES else 1
+    x = images[:1]  # one image keeps this sweep over ~20 methods x 4 families short
     ran, refused = set(), set()
     for method in method_names():
         if method == "vitcx":
@@ -190,12 +191,12 @@ def test_every_method_runs_or_gives_the_clear_error(name, images):
         if method == "textspan" and name == "hf_deit_distilled":
             continue  # TextSpan reads the head on a single CLS token: not defined for two-token heads
         try:
-            e = vitlens.explain(a, images, method, target=target, **CHEAP.get(method, {}))
+            e = vitlens.explain(a, x, method, target=target, **CHEAP.get(method, {}))
         except UnsupportedModelError as err:
             assert "\n" not in str(err)
             refused.add(method)
             continue
-        assert e.maps.shape == (2, IMG, IMG) and torch.isfinite(e.maps).all(), method
+        assert e.maps.shape == (1, IMG, IMG) and torch.isfinite(e.maps).all(), method
         ran.add(method)
     assert {"legrad", "gradcam", "rise", "occlusion", "integrated_gradients"} <= ran
     if a.pool == "map":

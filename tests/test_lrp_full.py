@@ -79,12 +79,12 @@ def test_zb_rule_conserves_and_is_bounded():
 
 
 def test_full_lrp_families_batching_and_errors(images):
-    from conftest import TINY_FACTORIES, wrap_tiny
+    from conftest import close_to_scale, wrap_tiny
 
     _, a = _setup("timm")
     whole = get_method("lrp")(a, images, [1, 2])
     split = get_method("lrp")(a, images, [1, 2], batch_size=1)
-    torch.testing.assert_close(whole.maps, split.maps)
+    close_to_scale(whole.maps, split.maps)  # batch of 2 vs 1: other float32 GEMM order
     for name in ("hf", "open_clip", "timm_deit_distilled", "hf_clip", "hf_deit_distilled"):
         ad = wrap_tiny(name)
         tg = "a photo of a dog" if name in ("open_clip", "hf_clip") else 1
@@ -94,7 +94,7 @@ def test_full_lrp_families_batching_and_errors(images):
         with torch.no_grad():
             emb = torch.cat([parts["prefix"], parts["patches"]], 1) + parts["pos"]
             emb = parts["post"](emb) if parts["post"] is not None else emb
-            torch.testing.assert_close(emb, ad.embed(images), atol=1e-6, rtol=1e-5)
+            close_to_scale(emb, ad.embed(images))
     with pytest.raises(InputError, match="matmul_rule"):
         get_method("lrp")(a, images, 1, matmul_rule="x")
     with pytest.raises(UnsupportedModelError, match="lrp"):

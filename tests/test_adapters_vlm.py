@@ -6,6 +6,8 @@ the library scores them, every registered method either runs or gives the clear
 UnsupportedModelError, and ``load_model`` reads local files saved from the tiny models."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,7 +224,7 @@ def test_load_hf_dual_encoders_and_deit_from_saved_folders(tmp_path):
     assert type(a).__name__ == "HFCLIPAdapter"
 
 
-def test_load_open_clip_siglip_config_with_local_checkpoint(tmp_path, monkeypatch):
+def test_load_open_clip_siglip_config_with_local_checkpoint(tmp_path):
     import open_clip
 
     from conftest import _register_tiny_siglip_trunk
@@ -233,13 +235,12 @@ def test_load_open_clip_siglip_config_with_local_checkpoint(tmp_path, monkeypatc
                                timm_model_pretrained=False, timm_pool="map", timm_proj="none"),
                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1, no_causal_mask=True,
                              pool_type="last", proj_bias=True))
-    open_clip.add_model_config.__globals__["_MODEL_CONFIGS"]["vitlens-tiny-SigLIP"] = cfg
-    try:
-        ckpt = tmp_path / "vitlens-tiny-SigLIP.pt"
-        torch.save(m.state_dict(), ckpt)
-        a = vitlens.load_model("open_clip:vitlens-tiny-SigLIP", weights=str(ckpt))
-    finally:
-        open_clip.add_model_config.__globals__["_MODEL_CONFIGS"].pop("vitlens-tiny-SigLIP", None)
+    cfg_file = tmp_path / "vitlens-tiny-SigLIP.json"
+    cfg_file.write_text(json.dumps(cfg))
+    open_clip.add_model_config(cfg_file)  # open_clip's own registry of model configs (a local file)
+    ckpt = tmp_path / "vitlens-tiny-SigLIP.pt"
+    torch.save(m.state_dict(), ckpt)
+    a = vitlens.load_model("open_clip:vitlens-tiny-SigLIP", weights=str(ckpt))
     assert type(a).__name__ == "OpenCLIPTimmAdapter" and a.pool == "map"
     x = torch.randn(1, 3, IMG, IMG)
     with torch.no_grad():

@@ -190,8 +190,6 @@ def test_every_method_runs_or_gives_the_clear_error(name, images):
     for method in method_names():
         if method == "vitcx":
             continue  # clustering of feature maps: covered on every family by tests/test_vitcx.py
-        if method == "textspan" and name == "hf_deit_distilled":
-            continue  # TextSpan reads the head on a single CLS token: not defined for two-token heads
         try:
             e = vitlens.explain(a, x, method, target=target, **CHEAP.get(method, {}))
         except UnsupportedModelError as err:

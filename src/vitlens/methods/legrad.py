@@ -4,17 +4,18 @@ Vision Transformers via Feature Formation Sensitivity", arXiv 2404.03214 / ICCV 
 For every selected layer l, with Z^l the tokens after block l and A^l its post-softmax attention
 (heads x T x T, T = prefix + patch tokens):
 
-* s^l is the target score read from Z^l by the model's *own* final norm, pooling and head
+* s^l is the target score read from Z^l by the model's final norm, pooling and head
   (``adapter.head``: CLS token, average pool, both heads of a distilled DeiT averaged as the model
-  does, CLIP's final LayerNorm + projection; then ``adapter.score``);
+  does, CLIP's final LayerNorm + projection; then ``adapter.score``) -- for CLIP-style models by
+  default with the released code's pooling (see ``pooling`` below);
 * eq. (5)/(7): E^l = mean over heads h and query rows i of ReLU(d s^l / d A^l)[h, i, :], keeping the
   patch columns;
 * eq. (8): E = mean over the selected layers of E^l; min-max normalised and bilinearly upsampled by
   :func:`vitlens.explain`.
 
-Attentional poolers (``pool == "map"``, SigLIP): A^l is the pooler's attention (heads x latent x N)
-when the pooler is applied to Z^l (the paper's variant for such models; the blocks' own attention is
-not used), averaged over heads and latent queries.
+Attentional poolers (``pool == "map"``, SigLIP; the paper's "Adaptation to Attentional Pooler"): A^l
+is the pooler's attention (heads x latent x N) when the pooler is applied to Z^l (the blocks' own
+attention is not used), averaged over heads and latent queries (SigLIP has one latent query).
 
 Implementation: one forward pass. Each selected block is run on its *detached* input, and its
 attention probabilities are replaced by a detached leaf, so s^l depends on A^l only through block l;

@@ -243,3 +243,15 @@ def test_load_open_clip_siglip_config_with_local_checkpoint(tmp_path):
     x = torch.randn(1, 3, IMG, IMG)
     with torch.no_grad():
         close_to_scale(a.forward(x), m.encode_image(x))
+
+
+def test_hf_deit_without_teacher_reads_the_class_token(images):
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    torch.manual_seed(0)
+    m = DeiTForImageClassification(DeiTConfig(image_size=IMG, patch_size=16, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=64, num_labels=10)).eval()
+    a = vitlens.wrap_model(m)
+    assert a.prefix_names == ["cls", "dist"] and not a.distilled
+    with torch.no_grad():
+        close_to_scale(a.forward(images), m(pixel_values=images).logits)

@@ -216,7 +216,9 @@ def _load_open_clip(name: str, weights, **kwargs) -> ViTAdapter:
         tok = open_clip.get_tokenizer(name)
     except Exception:  # e.g. a Hugging Face tokenizer that is not cached offline
         tok = False
-    return wrap_model(m, tokenizer=tok)
+    adapter = wrap_model(m, tokenizer=tok)
+    adapter.name = f"open_clip:{name}"
+    return adapter
 
 
 def _read_state_dict(path: Path) -> dict:

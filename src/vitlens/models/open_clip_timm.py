@@ -47,7 +47,7 @@ class OpenCLIPTimmAdapter(CLIPTextMixin, ViTAdapter):
         self.mean, self.std = t.mean, t.std
         self.crop_pct = 1.0  # open_clip's eval transform: resize shortest side + centre crop at the input size
         self.interpolation = "bicubic"
-        self.name = getattr(module, "_vitlens_name", None) or f"open_clip/{t.name}"
+        self.name = f"open_clip/{t.name}"
         if tokenizer is None:  # open_clip's CLIP BPE fits only text towers with its 49408-token vocabulary
             import open_clip
 

@@ -47,8 +47,9 @@ class BenchConfig:
     weights: Optional[str] = None
     model_args: dict = field(default_factory=dict)
     data: Optional[str] = None
+    dataset: Optional[str] = None                        # imagenet | imagenet-seg | openimages | folder (None: detect)
     methods: list = field(default_factory=list)          # list[MethodSpec] after normalise()
-    metrics: list = field(default_factory=list)          # list[str]
+    metrics: list = field(default_factory=list)          # list[str], or {dataset kind: list[str]}
     metric_params: dict = field(default_factory=dict)    # metric -> protocol overrides
     limit: Optional[int] = None
     max_box_fraction: Optional[float] = None             # keep images whose boxes cover <= this fraction

@@ -12,7 +12,7 @@ from ..errors import InputError
 from .store import key_of
 
 #: keyword arguments that carry per-image data, not protocol (never part of the protocol key)
-DATA_KWARGS = ("boxes", "coverage")
+DATA_KWARGS = ("boxes", "coverage", "labels", "masks", "points", "point_labels")  # see bench.datasets
 RUNTIME_KWARGS = ("batch_size", "progress")
 #: keyword arguments naming the explainer (metrics that re-run it, e.g. max-sensitivity): set per method entry
 METHOD_KWARGS = ("explainer", "method", "method_params")
@@ -40,7 +40,7 @@ class BoundMetric:
             if k in self.needs or (k in self.accepts and k in data):
                 if k not in data:
                     raise InputError(f"metric '{self.name}' needs '{k}', which this dataset does not provide "
-                                     "(give an ImageNet folder with LOC_val_solution.csv).")
+                                     "(see vitlens.bench.datasets for which dataset gives what).")
                 kwargs[k] = data[k]
         if "batch_size" in self.accepts:
             kwargs["batch_size"] = batch_size

@@ -297,3 +297,66 @@ class OpenImagesData(BenchDataset):
                              f"{{class}}\"): it needs a CLIP-style model, not {model.describe()}.")
         prompts = [self.points.prompt(self.points.pairs[it.index].name) for it in items]
         return prompts, [it.label for it in items]
+
+
+# ------------------------------------------------------------------------------------ dataset-level scores
+def _segmentation_pooled(rows: list) -> dict:
+    from ..metrics.segmentation import segmentation_scores_from_counts
+
+    s = segmentation_scores_from_counts(np.stack([c for c, _, _ in rows]), [v for _, _, v in rows])
+    return {"pixel acc": s["pixel_accuracy"], "mIoU": s["miou"], "mAP": s["map"]}
+
+
+def _open_vocab_pooled(rows: list) -> dict:
+    from ..metrics.open_vocab import open_vocab_scores_from_counts
+
+    return {"p-mIoU": open_vocab_scores_from_counts(np.stack([c for c, _, _ in rows]),
+                                                    [t for _, t, _ in rows])["p_miou"]}
+
+
+#: metrics whose published number is pooled over the dataset, from the per-image counts each row stores
+POOLED = {"segmentation": _segmentation_pooled, "open_vocab": _open_vocab_pooled}
+
+
+def dataset_scores(con, run_key: str, protocol_key: str, metric: str) -> Optional[dict]:
+    """The dataset-level numbers of one (method entry, metric protocol) from its stored rows
+    (``None`` for metrics that have none, or rows without counts)."""
+    from .store import decode_f32
+
+    if metric not in POOLED:
+        return None
+    rows = []
+    for blob, target, value in con.execute("SELECT curve, target, value FROM results WHERE run_key=? AND "
+                                           "protocol_key=? AND curve IS NOT NULL AND xs IS NULL",
+                                           (run_key, protocol_key)):
+        rows.append((decode_f32(blob), int(target), 0.0 if value is None else float(value)))
+    if not rows:
+        return None
+    try:
+        return POOLED[metric](rows)
+    except InputError:
+        return None
+
+
+def dataset_scores_markdown(con, table) -> str:
+    """A markdown table of the dataset-level numbers (segmentation pixel accuracy / mIoU / mAP as
+    ``imagenet_seg_eval.py``, open-vocabulary p-mIoU) of every row of the report ``table``; ``""`` if none."""
+    metric_of = dict(con.execute("SELECT protocol_key, metric FROM protocols"))
+    cols: list = []
+    cells: dict = {}
+    for c in table.cols:
+        pk = table.col_keys[c]
+        for r in table.rows:
+            s = dataset_scores(con, table.row_keys[r], pk, metric_of.get(pk, ""))
+            for name, v in (s or {}).items():
+                col = f"{c} {name}"
+                if col not in cols:
+                    cols.append(col)
+                cells[(r, col)] = v
+    if not cols:
+        return ""
+    lines = ["", "Dataset-level scores (pooled over all images as the papers report them; higher is better):", "",
+             "| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for r in table.rows:
+        lines.append(f"| {r} | " + " | ".join(f"{cells[(r, c)]:.4f}" if (r, c) in cells else "–" for c in cols) + " |")
+    return "\n".join(lines) + "\n"

@@ -53,6 +53,11 @@ class BoundMetric:
         out = dict(values=_np(values).reshape(-1))
         out["curves"] = None if curves is None else _np(curves)
         out["xs"] = None if xs is None else _np(xs).reshape(-1)
+        counts = (getattr(res, "extras", None) or {}).get("counts")
+        if curves is None and counts is not None:
+            # per-image counts of dataset-level metrics (segmentation mIoU, open-vocabulary p-mIoU) go into
+            # the row's curve column with no xs (integers, exact in float32); see datasets.dataset_scores
+            out["curves"], out["xs"] = _np(counts), None
         return out
 
 

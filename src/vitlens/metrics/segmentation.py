@@ -101,7 +101,27 @@ def segmentation(model, x: Optional[Tensor], maps, targets=None, *, masks: Tenso
                         protocol=dict(threshold=threshold, normalise="per-map min-max",
                                       ap="both channels pooled (1 - map, map)"),
                         extras=dict(pixel_correct=correct.cpu(), pixel_labeled=labeled.cpu(),
-                                    intersection=inter.cpu(), union=union.cpu()))
+                                    intersection=inter.cpu(), union=union.cpu(),
+                                    counts=torch.cat([correct[:, None], labeled[:, None], inter, union], 1).cpu()))
+
+
+#: the columns of ``extras["counts"]`` (what ``vitlens bench`` stores per image to rebuild the dataset numbers)
+COUNTS = ("pixel_correct", "pixel_labeled", "intersection_bg", "intersection_fg", "union_bg", "union_fg")
+
+
+def segmentation_scores_from_counts(counts, ap) -> dict:
+    """Dataset-level numbers from per-image ``counts`` (n, 6) (:data:`COUNTS`) and per-image AP (n,):
+    pixel accuracy = sum correct / sum labelled; IoU_c = sum intersection_c / sum union_c; mIoU = mean_c;
+    mAP = mean AP (``imagenet_seg_eval.py``: ``total_correct / total_label``, ``total_inter / total_union``,
+    ``np.mean(total_ap)``)."""
+    c = torch.as_tensor(counts, dtype=torch.float64).reshape(-1, len(COUNTS))
+    ap = torch.as_tensor(ap, dtype=torch.float64).reshape(-1)
+    if c.shape[0] == 0:
+        raise InputError("no segmentation results to summarise.")
+    tot = c.sum(0)
+    iou = tot[2:4] / tot[4:6].clamp_min(1)
+    return dict(pixel_accuracy=float(tot[0] / tot[1].clamp_min(1)), iou=iou.tolist(), miou=float(iou.mean()),
+                map=float(ap.mean()), images=int(ap.numel()))
 
 
 def segmentation_scores(results: Union[MetricResult, Iterable[MetricResult]]) -> dict:
@@ -112,11 +132,5 @@ def segmentation_scores(results: Union[MetricResult, Iterable[MetricResult]]) ->
     results = list(results)
     if not results:
         raise InputError("no segmentation results to summarise.")
-    correct = sum(int(r.extras["pixel_correct"].sum()) for r in results)
-    labeled = sum(int(r.extras["pixel_labeled"].sum()) for r in results)
-    inter = sum(r.extras["intersection"].sum(0).double() for r in results)
-    union = sum(r.extras["union"].sum(0).double() for r in results)
-    iou = inter / union.clamp_min(1)
-    ap = torch.cat([r.values for r in results])
-    return dict(pixel_accuracy=correct / max(labeled, 1), iou=iou.tolist(), miou=float(iou.mean()),
-                map=float(ap.mean()), images=int(ap.numel()))
+    return segmentation_scores_from_counts(torch.cat([r.extras["counts"] for r in results]),
+                                           torch.cat([r.values for r in results]))

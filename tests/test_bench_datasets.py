@@ -254,6 +254,10 @@ def test_dataset_detection_and_errors(tmp_path):
         metrics_for({"imagenet-seg": ["segmentation"]}, "openimages")
     with pytest.raises(InputError, match="unknown dataset kind"):
         open_dataset(str(oi), "coco")
+    from vitlens.bench import BenchConfig
+
+    with pytest.raises(InputError, match="unknown dataset kind.*coco"):
+        BenchConfig(methods="rollout", metrics={"coco": ["open_vocab"]}).normalise()
     (oi / "copy.csv").write_text((oi / "oidv7-val-annotations-point-labels.csv").read_text())
     with pytest.raises(InputError, match="exactly one OpenImages point-label CSV"):
         open_dataset(str(oi))

@@ -9,7 +9,8 @@ Order of work, per batch of ``batch_size`` images (the shard unit, see :mod:`.di
    one transaction.
 
 Nothing is recomputed that is committed in the run's database or in the merged ``results.sqlite``.
-Targets: ``label`` explains and scores the ground-truth class; ``predicted`` the model's top-1 class.
+Targets: ``label`` explains the ground-truth class; ``predicted`` the model's top-1 class (per dataset, see
+:mod:`.datasets`: ImageNet-Segmentation has no labels, OpenImages explains each annotated class's prompt).
 The code version (``vitlens.__version__`` + git hash) is recorded in every row but is not part of any
 key, so resuming after upgrading the code continues the same run.
 """

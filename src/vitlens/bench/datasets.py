@@ -27,7 +27,8 @@ What is explained (the stored map's target):
   explained with the text prompt ``"a photo of a {class}"`` (:data:`vitlens.data.openimages.PROMPT`)
   whatever ``--target`` says; the map is stored under the pair's id with the class index (position
   of the MID in the class-description file) as its target, so every (image, class) map is computed
-  once and reused by every metric and every resumed run. Needs a CLIP-style model.
+  once and reused by every metric and every resumed run (``--limit N`` counts pairs). Needs a
+  CLIP-style model.
 
 Images: ``imagenet``, ``openimages`` and ``folder`` use the model's eval transform (resize, centre
 crop; boxes and points follow it); ``imagenet-seg`` resizes to the input size without cropping,

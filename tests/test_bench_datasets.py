@@ -377,9 +377,10 @@ def test_openimages_one_map_per_image_class_stored_and_reused(tmp_path, monkeypa
             x = model.preprocess([ds.pairs[i].path])
             exp = vitlens.explain(model, x, method=method, target=prompts[pid], progress=False)
             m16 = exp.maps.half().float()
-            # float16 storage: the stored map is the rounded map (recomputed here: a few ulp of float32 drift
-            # may round to a neighbouring float16, 2^-11 relative)
-            np.testing.assert_allclose(got[pid][1], m16[0].numpy(), atol=2e-3)
+            # the stored map is the float16-rounded map; recomputed here alone (the bench batched 3 pairs),
+            # float32 drift may round to the neighbouring float16: at most one float16 step (2^-11 below 1)
+            # plus the drift itself
+            np.testing.assert_allclose(got[pid][1], m16[0].numpy(), atol=1e-3)
             assert got[pid][0] == {"/m/01": 1, "/m/02": 2, "/m/03": 3}[pid.split(":")[1]]
             pts, labs = ds.points_for([i], model.input_size, model.crop_pct)
             r = open_vocab(None, None, torch.from_numpy(got[pid][1])[None], [got[pid][0]], points=pts,

@@ -94,7 +94,11 @@ LEGRAD_DOCS = {
     removed, top-1 correctness against the label; the "predicted" column with this preset, the "target"
     column with ``--target label``. Rows: raw attention, rollout, Grad-CAM, AttentionCAM, Chefer et al.'s
     Transformer Attribution (chefer1) and generic attention (chefer2), LRP, partial LRP, LeGrad (TextSpan
-    does not apply to a classifier). Published numbers: see supplementary Table 7.""",
+    does not apply to a classifier). Published numbers: see supplementary Table 7. The checkpoint is the
+    one of the protocol's reference code (vitlens has no copy of the paper to confirm the table's own);
+    the previous ``augreg2`` tag is reachable with ``--model vit_base_patch16_224.augreg2_in21k_ft_in1k``.
+    Chefer's script resizes images to 224 x 224 without cropping; the bench uses the model's eval
+    transform (resize + centre crop) for ImageNet folders.""",
 }
 
 PRESETS: dict[str, dict] = {

@@ -351,6 +351,7 @@ def test_segmentation_refuses_label_targets(tmp_path):
 
 # ------------------------------------------------------------------------- OpenImages end to end
 def test_openimages_one_map_per_image_class_stored_and_reused(tmp_path, monkeypatch):
+    pytest.importorskip("open_clip")
     from vitlens.bench import BenchConfig, run_bench
     from vitlens.data import OpenImagesPoints
     from vitlens.metrics import open_vocab
@@ -429,6 +430,7 @@ def test_openimages_one_map_per_image_class_stored_and_reused(tmp_path, monkeypa
 
 # --------------------------------------------------------------- ImageNet perturbation with CLIP, both targets
 def test_clip_perturbation_bench_both_targets_measure_against_the_label(tmp_path):
+    pytest.importorskip("open_clip")
     from vitlens.bench import BenchConfig, run_bench
     from vitlens.bench.datasets import open_dataset
     from vitlens.metrics import perturbation

@@ -35,8 +35,9 @@ crop; boxes and points follow it); ``imagenet-seg`` resizes to the input size wi
 masks with nearest-neighbour interpolation, as ``imagenet_seg_eval.py``.
 
 CLIP-style models without a class vocabulary get ImageNet's as zero-shot classes (open_clip's
-``IMAGENET_CLASSNAMES`` with ``"a photo of a {}."``) on ``imagenet`` and ``imagenet-seg``, so the
-predicted class and the perturbation metrics' top-1 correctness are defined.
+``IMAGENET_CLASSNAMES``, else timm's WordNet names; one prompt ``"a photo of a {}."``; a folder whose
+synset mapping is not the 1000 classes gives its own names) on ``imagenet`` and ``imagenet-seg``, so
+the predicted class and the perturbation metrics' top-1 correctness are defined.
 
 Metrics per dataset: a config's ``metrics`` may be a list (used on any dataset) or a dict from
 dataset kind to list (as the LeGrad presets, whose tables use three datasets); see
@@ -132,9 +133,13 @@ def _zero_shot_vocabulary(model, names: Optional[Sequence[str]] = None) -> None:
     if not getattr(model, "supports_text", False) or model.num_classes is not None or not hasattr(model, "set_classes"):
         return
     if names is None:
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+        try:  # CLIP's curated ImageNet class names
+            from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES as names
+        except ImportError:  # e.g. a Hugging Face CLIP without open_clip installed: WordNet's first lemma
+            from timm.data import ImageNetInfo
 
-        names = IMAGENET_CLASSNAMES
+            info = ImageNetInfo()
+            names = [info.index_to_description(i).split(",")[0].strip() for i in range(1000)]
     model.set_classes(list(names), ZERO_SHOT_TEMPLATE)
 
 

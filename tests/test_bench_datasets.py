@@ -340,15 +340,19 @@ def test_segmentation_bench_kill9_resume_and_pooled_scores(tmp_path):
     ds.close()
 
 
-def test_segmentation_refuses_label_targets(tmp_path):
+def test_segmentation_refuses_label_targets_and_metrics_without_ground_truth(tmp_path):
     from vitlens.bench import BenchConfig, run_bench
 
     data = mini_seg(tmp_path / "seg", 2)
-    cfg = BenchConfig(out=str(tmp_path / "o"), model="vit_tiny_patch16_224", weights="random",
-                      model_args=dict(img_size=IMG, depth=2), data=str(data), methods="rollout",
-                      metrics="segmentation", target="label", report=False, progress=False)
+    cfg = dict(out=str(tmp_path / "o"), model="vit_tiny_patch16_224", weights="random",
+               model_args=dict(img_size=IMG, depth=2), data=str(data), methods="rollout", report=False,
+               progress=False)
     with pytest.raises(InputError, match="no class labels.*--target predicted"):
-        run_bench(cfg)
+        run_bench(BenchConfig(metrics="segmentation", target="label", **cfg))
+    with pytest.raises(InputError, match=r"'perturbation_positive' needs labels.*runs on: imagenet\.$"):
+        run_bench(BenchConfig(metrics="perturbation_positive", target="predicted", **cfg))
+    with pytest.raises(InputError, match="'segmentation' needs masks.*runs on: imagenet-seg"):
+        run_bench(BenchConfig(**{**cfg, "data": str(mini_openimages(tmp_path / "oi"))}, metrics="segmentation"))
 
 
 # ------------------------------------------------------------------------- OpenImages end to end
@@ -493,6 +497,11 @@ def test_legrad_presets_pin_models_tags_methods_and_metrics():
     vit = P.get_preset("legrad-vit")
     assert vit["model"] == "vit_base_patch16_224.orig_in21k_ft_in1k" and list(vit["methods"]) == table7
     assert vit["metrics"] == ["perturbation_positive", "perturbation_negative"] and vit["target"] == "predicted"
+    import argparse
+
+    from vitlens.bench.cli import add_bench_arguments
+
+    assert add_bench_arguments(argparse.ArgumentParser()).parse_args(["--dataset", "openimages"]).dataset == "openimages"
     for key in ("legrad-clip", "legrad-siglip", "legrad-vit"):
         assert "Table" in P.LEGRAD_DOCS[key]
     registered = set(vitlens.methods())

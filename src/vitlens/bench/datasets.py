@@ -154,6 +154,16 @@ class BenchDataset:
 
     kind = "folder"
     boxes = None  # ImageNetBoxes for ``imagenet`` (``--max-box-fraction``)
+    provides: tuple = ()  # the keys of data_for()
+
+    def check_metrics(self, metrics) -> None:
+        """A clear error, before any model is loaded, for a metric whose ground truth this dataset lacks."""
+        for m in metrics:
+            missing = [k for k in m.needs if k not in self.provides]
+            if missing:
+                kinds = [c.kind for c in (ImageNetData, SegmentationData, OpenImagesData) if set(m.needs) <= set(c.provides)]
+                raise InputError(f"metric '{m.name}' needs {', '.join(missing)}, which the {self.describe()} does not "
+                                 f"provide; it runs on: {', '.join(kinds) or 'no bench dataset'}.")
 
     def __init__(self, root: str):
         self.root = Path(root)
@@ -207,6 +217,7 @@ class ImageNetData(BenchDataset):
     """ImageNet validation images with boxes and labels (:class:`vitlens.data.ImageNetBoxes`)."""
 
     kind = "imagenet"
+    provides = ("boxes", "coverage", "labels")
 
     def __init__(self, root: str):
         from ..data import ImageNetBoxes
@@ -235,6 +246,7 @@ class SegmentationData(BenchDataset):
     """ImageNet-Segmentation (``gtsegs_ijcv.mat``): items ``seg00000`` ... in file order."""
 
     kind = "imagenet-seg"
+    provides = ("masks",)
 
     def __init__(self, root: str):
         from ..data import ImageNetSegmentation
@@ -268,6 +280,7 @@ class OpenImagesData(BenchDataset):
     """OpenImages V7 point labels: one item per (image, class present), explained with a text prompt."""
 
     kind = "openimages"
+    provides = ("points", "point_labels")
 
     def __init__(self, root: str):
         from ..data import OpenImagesPoints

@@ -193,6 +193,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 raise
             except Exception as e:
                 raise InputError(str(e)) from None
+        data.check_metrics(metrics)
 
         torch.manual_seed(cfg.seed)  # a random-weights model is the same in every process
         model = vitlens.load_model(cfg.model, weights=cfg.weights, device=device, **cfg.model_args)

@@ -11,10 +11,11 @@ import torch
 from ..errors import InputError
 from .store import key_of
 
-#: keyword arguments that carry per-image data, not protocol (never part of the protocol key):
-#: box masks and their exact coverage, box coordinates on the input grid (TIS pointing game), and the
-#: methods' raw native-resolution maps (``raw_maps``: token maps or unnormalised pixel maps, float32)
-DATA_KWARGS = ("boxes", "coverage", "box_coords", "raw_maps")
+#: keyword arguments that carry per-image data, not protocol (never part of the protocol key): box masks
+#: and their exact coverage, labels, masks and points (see bench.datasets), box coordinates on the input
+#: grid (TIS pointing game), and the methods' raw native-resolution maps (``raw_maps``: token maps or
+#: unnormalised pixel maps, float32)
+DATA_KWARGS = ("boxes", "coverage", "labels", "masks", "points", "point_labels", "box_coords", "raw_maps")
 #: data the runner provides only to metrics that accept it (never required through ``needs``)
 OPTIONAL_DATA = ("box_coords", "raw_maps")
 RUNTIME_KWARGS = ("batch_size", "progress")
@@ -44,7 +45,7 @@ class BoundMetric:
             if k in self.needs or (k in self.accepts and k in data):
                 if k not in data:
                     raise InputError(f"metric '{self.name}' needs '{k}', which this dataset does not provide "
-                                     "(give an ImageNet folder with LOC_val_solution.csv).")
+                                     "(see vitlens.bench.datasets for which dataset gives what).")
                 kwargs[k] = data[k]
         if "batch_size" in self.accepts:
             kwargs["batch_size"] = batch_size
@@ -57,6 +58,11 @@ class BoundMetric:
         out = dict(values=_np(values).reshape(-1))
         out["curves"] = None if curves is None else _np(curves)
         out["xs"] = None if xs is None else _np(xs).reshape(-1)
+        counts = (getattr(res, "extras", None) or {}).get("counts")
+        if curves is None and counts is not None:
+            # per-image counts of dataset-level metrics (segmentation mIoU, open-vocabulary p-mIoU) go into
+            # the row's curve column with no xs (integers, exact in float32); see datasets.dataset_scores
+            out["curves"], out["xs"] = _np(counts), None
         return out
 
 

@@ -1,6 +1,6 @@
 """Side-by-side table of two ``vitlens bench`` folders (the TIS code's protocol vs the ``paper`` protocol),
-on the images that have every (method, metric) value in both folders (so both columns average the same
-images). Run ``vitlens report DIR`` first (it merges shard files).
+per method on the images that have every metric of that method in both folders (so both columns of a
+row average the same images; n is printed per method). Run ``vitlens report DIR`` first (it merges shard files).
 
     python benchmarks/tis_protocol/compare.py /tmp/h13runs/tis_code /tmp/h13runs/paper > table.md
 """
@@ -25,26 +25,27 @@ def load(folder: str) -> dict:
 def main(a: str, b: str) -> None:
     ra, rb = load(a), load(b)
     keys = sorted(set(ra) & set(rb))
-    images = None
-    for k in keys:
-        s = set(ra[k]) & set(rb[k])
-        images = s if images is None else images & s
-    images = sorted(images or [])
     methods = sorted({m for m, _ in keys})
-    metrics = [m for m in dict.fromkeys(k[1] for k in sorted(keys, key=lambda k: k[1]))]
-    print(f"n = {len(images)} images with every value in both runs: {', '.join(images)}\n")
-    print("| method | metric | " + f"{a.rstrip('/').split('/')[-1]} | {b.rstrip('/').split('/')[-1]} |")
-    print("|---|---|---|---|")
+    metrics = list(dict.fromkeys(k[1] for k in sorted(keys, key=lambda k: k[1])))
+    print(f"| method | n images | metric | {a.rstrip('/').split('/')[-1]} | {b.rstrip('/').split('/')[-1]} |")
+    print("|---|---|---|---|---|")
     for m in methods:
+        images = None
+        for k in keys:
+            if k[0] == m:
+                s = set(ra[k]) & set(rb[k])
+                images = s if images is None else images & s
+        images = sorted(images or [])
         for met in metrics:
-            if (m, met) not in ra:
+            if (m, met) not in ra or not images:
                 continue
             cells = []
             for r in (ra, rb):
                 v = np.array([np.nan if r[(m, met)][i] is None else r[(m, met)][i] for i in images], dtype=float)
                 ok = v[np.isfinite(v)]
-                cells.append(f"{ok.mean():.3f} (n={len(ok)})" if len(ok) else "n/a")
-            print(f"| {m} | {met} | {cells[0]} | {cells[1]} |")
+                extra = f" ({len(ok)} kept)" if len(ok) != len(images) else ""
+                cells.append(f"{ok.mean():.3f}{extra}" if len(ok) else "n/a")
+            print(f"| {m} | {len(images)} | {met} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

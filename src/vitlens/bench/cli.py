@@ -40,8 +40,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to reuse an existing folder")
     p.add_argument("--no-report", dest="report", action="store_false", default=None)
     p.add_argument("--examples", type=int, help="example images in report.html (default 4)")
-    p.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--report-subset", dest="report_subset", action="store_true", default=None,
+                   help="also write this run's methods and metrics alone to OUT/subset/ (results.md always "
+                        "shows everything in OUT)")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show progress even when VITLENS_NO_PROGRESS is set (default: a bar on a terminal, "
+                        "else a line per method/metric call and at least one every 30 s, on stderr)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress output (the log file in OUT/logs/ still has it)")
     p.add_argument("--out", help="output folder (results.sqlite, logs/, results.md/csv, report.html)")
     p.add_argument("--print-config", action="store_true", help="print the merged configuration and exit")
     return p
@@ -57,7 +63,7 @@ def bench_main(args: argparse.Namespace) -> int:
                    target=args.target, batch_size=args.batch_size, forward_batch_size=args.forward_batch_size,
                    seed=args.seed, device=args.device, threads=args.threads, shard=args.shard, resume=args.resume,
                    report=args.report, examples=args.examples, progress=args.progress, out=args.out,
-                   preset=args.preset)
+                   preset=args.preset, report_subset=args.report_subset)
         if args.model_arg:
             cli["model_args"] = parse_assignments(args.model_arg, "model argument")
         if args.metric_param:
@@ -75,6 +81,15 @@ def bench_main(args: argparse.Namespace) -> int:
         print(summary["report"]["table"])
     print(f"{summary['images']} images; computed {summary['maps']} maps and {summary['rows']} rows "
           f"(shard {summary['shard']}) in {summary['seconds']:.1f} s -> {summary['out']}")
+    errors = summary.get("errors") or []
+    if errors:
+        print(f"vitlens bench: {len(errors)} item(s) failed and were skipped (recorded in results.sqlite, "
+              f"listed in results.md; details in {summary['out']}/logs/):", file=sys.stderr)
+        for e in errors[:20]:
+            what = e["stage"] + "".join(f" {e[k]}" for k in ("label", "metric") if e.get(k))
+            print(f"  {e['image_id']}: {what}: {e['message']}", file=sys.stderr)
+        if len(errors) > 20:
+            print(f"  ... and {len(errors) - 20} more", file=sys.stderr)
     return 0
 
 

@@ -53,6 +53,7 @@ class BoundMetric:
         out = dict(values=_np(values).reshape(-1))
         out["curves"] = None if curves is None else _np(curves)
         out["xs"] = None if xs is None else _np(xs).reshape(-1)
+        out["protocol"] = dict(getattr(res, "protocol", None) or {})  # as run: defaults resolved, rules named
         return out
 
 

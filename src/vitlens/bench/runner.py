@@ -355,8 +355,13 @@ def _start_progress(cfg: BenchConfig, info, store: Store, mine: list, run_keys: 
     return bar
 
 
+def _image_message(path, e: BaseException) -> str:
+    msg = describe_error(e)
+    return msg if str(path) in msg else f"{msg} ({path})"
+
+
 def _load_batch(model, data: BenchData, batch: list[Item], store: Store, version: str,
-                log: logging.Logger, errors: list) -> tuple[dict, Optional[torch.Tensor], dict]:
+                log: logging.Logger, errors: list, emit=None) -> tuple[dict, Optional[torch.Tensor], dict]:
     """Decode the batch's images and its ground truth, image by image where the batch fails.
 
     Returns ``(row, x, data)``: ``row[i]`` is batch image ``i``'s row in ``x``/``data`` (readable images
@@ -368,10 +373,8 @@ def _load_batch(model, data: BenchData, batch: list[Item], store: Store, version
         return load_images(model, [paths[i] for i in sel]), data.data_for(items, model.input_size, model.crop_pct)
 
     chunks, failed = run_isolated(load, range(len(batch)), log=log.warning)
-    rows = _record(store, [dict(image_id=batch[i].image_id, stage="image", message=f"cannot read {paths[i]}: "
-                                f"{describe_error(e)}", version=version) for i, e in failed.items()], errors, log)
-    if failed and rows:
-        log.warning("unreadable images: %s", ", ".join(r["image_id"] for r in rows))
+    _record(store, [dict(image_id=batch[i].image_id, stage="image", message=_image_message(paths[i], e),
+                         version=version) for i, e in failed.items()], errors, log, emit)
     if not chunks:
         return {}, None, {}
     row, k = {}, 0
@@ -385,13 +388,19 @@ def _load_batch(model, data: BenchData, batch: list[Item], store: Store, version
     return row, x, d
 
 
-def _record(store: Store, rows: list, errors: list, log: logging.Logger) -> list:
+def _record(store: Store, rows: list, errors: list, log: logging.Logger, emit=None) -> list:
+    """Store failed work as ``errors`` rows and report each one (progress output, else the log file)."""
     if rows:
         store.put_errors(rows)
         errors.extend(rows)
         for r in rows:
-            log.warning("error: %s %s %s %s: %s", r["stage"], r.get("label", ""), r.get("metric", ""),
-                        r["image_id"], r["message"])
+            what = ("unreadable image" if r["stage"] == "image" else
+                    f"{r.get('metric') or 'method'} on {r.get('label')} failed")
+            line = f"skipped {r['image_id']} ({what}): {r['message']}"
+            if emit is not None:
+                emit(line, logging.WARNING)
+            else:
+                log.warning(line)
     return rows
 
 
@@ -407,7 +416,8 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
     def loaded() -> dict:
         """Batch index -> row of the decoded images (readable images only); decodes on first use."""
         if "row" not in cache:
-            cache["row"], cache["x"], cache["data"] = _load_batch(model, data, batch, store, version, log, errors)
+            cache["row"], cache["x"], cache["data"] = _load_batch(model, data, batch, store, version, log, errors,
+                                                                  bar.emit)
         return cache["row"]
 
     def images(sel: list) -> torch.Tensor:
@@ -441,7 +451,7 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
                 computed["maps"] += len(c.indices)
             _record(store, [dict(image_id=ids[i], stage="method", run_key=rk, label=spec.label,
                                  message=describe_error(e), version=version) for i, e in failed.items()],
-                    errors, log)
+                    errors, log, bar.emit)
             secs = sum(c.seconds for c in chunks)
             bar.end(("map", spec.label), what, len(ok) - len(failed), secs, len(failed))
         have_maps = store.done_maps(rk, ids)
@@ -473,12 +483,13 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
                     rows.append(dict(run_key=rk, image_id=ids[i], metric=m.name, protocol_key=m.key,
                                      model=cfg.model, method=spec.label, value=float(res["values"][j]),
                                      curve=None if res["curves"] is None else res["curves"][j], xs=res["xs"],
-                                     target=tg[j], method_params=full_params[spec.label], protocol=m.protocol,
+                                     target=tg[j], method_params=full_params[spec.label],
+                                     protocol={**m.protocol, **res.get("protocol", {})},
                                      version=version, seconds=c.seconds / len(c.indices)))
                 store.put_results(rows)
                 computed["rows"] += len(rows)
             _record(store, [dict(image_id=ids[i], stage="metric", run_key=rk, metric=m.name, protocol_key=m.key,
                                  label=spec.label, message=describe_error(e), version=version)
-                            for i, e in failed.items()], errors, log)
+                            for i, e in failed.items()], errors, log, bar.emit)
             bar.end(("row", m.name, spec.label), what, len(ok) - len(failed), sum(c.seconds for c in chunks),
                     len(failed))

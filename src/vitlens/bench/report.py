@@ -91,7 +91,10 @@ def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # k = 0 (k = n): the lower (upper) end point is exactly 0 (1); the closed form can be 1 ulp off
+    lo = 0.0 if k <= 0 else max(0.0, centre - half)
+    hi = 1.0 if k >= n else min(1.0, centre + half)
+    return lo, hi
 
 
 def value_range(metric: str, protocol: dict) -> tuple[Optional[float], Optional[float], bool]:

@@ -233,7 +233,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             except Exception as e:
                 raise InputError(str(e)) from None
 
-        run_lock = RunLock(*lock_paths(out, suffix), log=log.warning)
+        run_lock = RunLock(*lock_paths(out, suffix), log=lambda m: (log.warning(m), print(m, file=sys.stderr)))
         run_lock.acquire()  # refuses a second runner on the same folder (or shard) with a clear error
         torch.manual_seed(cfg.seed)  # a random-weights model is the same in every process
         model = vitlens.load_model(cfg.model, weights=cfg.weights, device=device, **cfg.model_args)
@@ -350,8 +350,11 @@ def _start_progress(cfg: BenchConfig, info, store: Store, mine: list, run_keys: 
             rows_done[(m.name, spec.label)] = len(store.result_ids(rk, m.name, m.key) & ids)
     desc = f"bench {info.index}/{info.count}" if info.sharded else "bench"
     bar = BenchProgress(maps_total, maps_done, rows_total, rows_done, enabled=cfg.progress, log=log, desc=desc)
-    bar.emit(f"{bar.start_line()} ({n} images, {len(cfg.methods)} methods, {len(metrics)} metrics"
-             + (f", shard {info.index}/{info.count}" if info.sharded else "") + f") -> {cfg.out}")
+    line = (f"{bar.start_line()} ({n} images, {len(cfg.methods)} methods, {len(metrics)} metrics"
+            + (f", shard {info.index}/{info.count}" if info.sharded else "") + f") -> {cfg.out}")
+    bar.emit(line)
+    if not bar.enabled and cfg.progress is not False:  # what a resume found is always shown
+        print(f"vitlens bench: {line}", file=sys.stderr, flush=True)
     return bar
 
 

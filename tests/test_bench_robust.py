@@ -205,20 +205,22 @@ def _flaky_factory(bad_pixel: torch.Tensor):
 
 
 def _make_data(root: Path, n_good: int = 3) -> list[str]:
-    """An ImageNet-layout folder: ``n_good`` shared images (symlinks) and one truncated JPEG."""
+    """An ImageNet-layout folder: ``n_good`` shared images (symlinks), then a truncated JPEG (its header
+    reads, its pixels do not) and a file that is no image at all (not even its size can be read)."""
     (root / "images").mkdir(parents=True)
     for f in ("LOC_val_solution.csv", "LOC_synset_mapping.txt"):
         shutil.copy(DATA / f, root / f)
-    files = sorted((DATA / "images").iterdir())[: n_good + 1]
+    files = sorted((DATA / "images").iterdir())[: n_good + 2]
     for f in files[:n_good]:
         (root / "images" / f.name).symlink_to(f)
     (root / "images" / files[n_good].name).write_bytes(files[n_good].read_bytes()[:2000])  # truncated
+    (root / "images" / files[n_good + 1].name).write_bytes(b"not an image")
     return [f.stem for f in files]
 
 
 @pytest.fixture(scope="module")
 def bad_run(tmp_path_factory):
-    """One run over 3 good images + 1 truncated one, with a method that raises on the second image."""
+    """One run over 3 good images + 2 unreadable ones, with a method that raises on the second image."""
     if not DATA.is_dir():
         pytest.skip(f"shared images not found at {DATA}")
     import vitlens
@@ -259,8 +261,9 @@ def test_bad_image_and_failing_method_are_recorded_and_the_rest_completes(bad_ru
     root, ids, cfg, summary = bad_run
     db = root / "out" / "results.sqlite"
     errs = sorted(_q(db, "SELECT stage, image_id, label FROM errors"))
-    assert errs == [("image", ids[3], ""), ("method", ids[1], "flaky")]
-    assert sorted((e["stage"], e["image_id"]) for e in summary["errors"]) == [("image", ids[3]), ("method", ids[1])]
+    assert errs == [("image", ids[3], ""), ("image", ids[4], ""), ("method", ids[1], "flaky")]
+    assert sorted((e["stage"], e["image_id"]) for e in summary["errors"]) == [
+        ("image", ids[3]), ("image", ids[4]), ("method", ids[1])]
     # rollout: 3 maps; flaky: the 2 images it does not fail on, found by retrying the batch image by image
     maps = _q(db, "SELECT r.label, m.image_id, m.map FROM maps m JOIN runs r USING (run_key) ORDER BY 1, 2")
     assert [(lb, i) for lb, i, _ in maps] == [("flaky", ids[0]), ("flaky", ids[2]),
@@ -269,7 +272,7 @@ def test_bad_image_and_failing_method_are_recorded_and_the_rest_completes(bad_ru
     assert by[("flaky", ids[0])] == by[("rollout", ids[0])] and by[("flaky", ids[2])] == by[("rollout", ids[2])]
     assert summary["maps"] == 5 and summary["rows"] == 10  # 5 maps x 2 metrics
     md = (root / "out" / "results.md").read_text()
-    assert "## Errors (2)" in md and ids[3] in md and "synthetic failure on this image" in md
+    assert "## Errors (3)" in md and ids[3] in md and ids[4] in md and "synthetic failure on this image" in md
 
 
 @needs_shared
@@ -288,14 +291,16 @@ def test_failed_work_is_retried_and_resolved_when_it_succeeds(bad_run, tmp_path)
     cfg2 = BenchConfig(**{**cfg.__dict__, "out": str(work / "out"), "data": str(work / "data"),
                           "methods": {"rollout": {}}, "report_subset": True})
     s = run_bench(cfg2)
-    assert s["maps"] == 1 and s["rows"] == 2 and s["errors"] == []
+    assert s["maps"] == 1 and s["rows"] == 2 and [(e["stage"], e["image_id"]) for e in s["errors"]] == [
+        ("image", ids[4])]
     db2 = work / "out" / "results.sqlite"
-    assert _q(db2, "SELECT stage, image_id FROM errors") == [("method", ids[1])]  # flaky did not run again
+    # the fixed image is computed and its error row resolved; the other unreadable one is retried and still fails
+    assert sorted(_q(db2, "SELECT stage, image_id FROM errors")) == [("image", ids[4]), ("method", ids[1])]
     # results.md keeps every run of the folder; the subset view has this run's entries only
     assert "| flaky |" in (work / "out" / "results.md").read_text()
     sub = (work / "out" / "subset" / "results.md").read_text()
     assert "| rollout |" in sub and "| flaky |" not in sub
-    assert len(_q(db, "SELECT * FROM errors")) == 2  # the original folder is untouched
+    assert len(_q(db, "SELECT * FROM errors")) == 3  # the original folder is untouched
     assert "_flaky_test" in mbase._REGISTRY
 
 
@@ -345,7 +350,7 @@ def test_report_html_renders_in_headless_chromium(bad_run, chromium, tmp_path):
     r = subprocess.run(args + [f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and shot.exists(), r.stderr[-2000:]
     dom = subprocess.run(args + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    for h in ("Results", "Errors (2)", "Mean curves", "Examples", "Protocol"):
+    for h in ("Results", "Errors (3)", "Mean curves", "Examples", "Protocol"):
         assert f">{h}</h2>" in dom, h
     assert dom.count("data:image/png;base64,") == 2
     im = np.asarray(Image.open(shot).convert("RGB")).astype(int)

@@ -105,10 +105,7 @@ class BenchData:
     def coverage(self, items: list[Item], size, crop_pct) -> np.ndarray:
         if self.boxes is None:
             return np.full(len(items), np.nan)
-        try:
-            return self.boxes.box_coverage([it.index for it in items], size, crop_pct).numpy()
-        except Exception:  # an unreadable image: NaN, reported as an image error when the run reaches it
-            return np.array([_safe_coverage(self.boxes, it.index, size, crop_pct) for it in items])
+        return self.boxes.box_coverage([it.index for it in items], size, crop_pct).numpy()
 
     def data_for(self, items: list[Item], size, crop_pct) -> dict:
         if self.boxes is None:
@@ -116,13 +113,6 @@ class BenchData:
         idx = [it.index for it in items]
         return dict(boxes=self.boxes.box_masks(idx, size, crop_pct),
                     coverage=self.boxes.box_coverage(idx, size, crop_pct).float())
-
-
-def _safe_coverage(boxes, index: int, size, crop_pct) -> float:
-    try:
-        return float(boxes.box_coverage([index], size, crop_pct)[0])
-    except Exception:
-        return float("nan")
 
 
 def _device(spec: str, info: distributed.ShardInfo) -> torch.device:
@@ -151,7 +141,7 @@ def _logger(path: Path) -> logging.Logger:
 # -------------------------------------------------------------------------------------------- runner
 def select_items(cfg: BenchConfig, data: BenchData, model) -> tuple[list[Item], np.ndarray]:
     items = list(data.items)
-    cov = data.coverage(items, model.input_size, model.crop_pct)
+    cov = _robust(lambda its: data.coverage(its, model.input_size, model.crop_pct), items)
     if cfg.max_box_fraction is not None:
         if data.boxes is None:
             raise InputError("--max-box-fraction needs a dataset with boxes (LOC_val_solution.csv).")
@@ -163,6 +153,21 @@ def select_items(cfg: BenchConfig, data: BenchData, model) -> tuple[list[Item], 
     if not items:
         raise InputError("no images selected (check --data, --limit and --max-box-fraction).")
     return items, cov
+
+
+def _robust(fn, items: list) -> np.ndarray:
+    """``fn(items)`` (per-image floats, e.g. box coverage), item by item where it fails; NaN for an image
+    that cannot be read (the run records it as an error when it reaches the image)."""
+    try:
+        return np.asarray(fn(items), dtype=np.float64)
+    except Exception:
+        out = []
+        for it in items:
+            try:
+                out.append(float(np.asarray(fn([it]), dtype=np.float64)[0]))
+            except Exception:
+                out.append(float("nan"))
+        return np.asarray(out, dtype=np.float64)
 
 
 def load_images(model, paths: list) -> torch.Tensor:
@@ -317,22 +322,26 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _preflight(cfg: BenchConfig, data: BenchData, metrics: list[BoundMetric]) -> None:
-    """Configuration errors that would fail on every image: refused before the run starts."""
-    if cfg.target == "label" and data.boxes is None and all(it.label < 0 for it in data.items):
+    """Configuration errors that would fail on every image: refused before the run starts (inside the run,
+    failures are recorded per image and skipped, so these must not get that far)."""
+    items = getattr(data, "items", [])
+    if cfg.target == "label" and items and all(getattr(it, "label", 0) < 0 for it in items):
         raise InputError("the data folder has no labels (no LOC_val_solution.csv): use --target predicted.")
-    for m in metrics:
-        missing = [k for k in m.needs if k in ("boxes", "coverage") and data.boxes is None]
-        if missing:
-            raise InputError(f"metric '{m.name}' needs '{missing[0]}', which this dataset does not provide "
-                             "(give an ImageNet folder with LOC_val_solution.csv).")
+    if getattr(data, "boxes", True) is None:
+        for m in metrics:
+            missing = [k for k in m.needs if k in ("boxes", "coverage")]
+            if missing:
+                raise InputError(f"metric '{m.name}' needs '{missing[0]}', which this dataset does not provide "
+                                 "(give an ImageNet folder with LOC_val_solution.csv).")
 
 
 def _class_meta(data: BenchData) -> dict:
     """Class names for the report (``LOC_synset_mapping.txt`` order = class index)."""
-    boxes = data.boxes
-    if boxes is None or not getattr(boxes, "class_names", None):
+    src = getattr(data, "boxes", None)
+    names = getattr(src, "class_names", None) or getattr(data, "class_names", None)
+    if not names:
         return {}
-    return {"class_names": list(boxes.class_names), "synsets": list(boxes.synsets)}
+    return {"class_names": list(names)}
 
 
 def _start_progress(cfg: BenchConfig, info, store: Store, mine: list, run_keys: dict,
@@ -386,9 +395,20 @@ def _load_batch(model, data: BenchData, batch: list[Item], store: Store, version
             row[i] = k
             k += 1
     x = torch.cat([c.result[0] for c in chunks])
-    d = {key: torch.cat([c.result[1][key] for c in chunks]) for key in chunks[0].result[1]}
+    d = {key: _concat([c.result[1][key] for c in chunks]) for key in chunks[0].result[1]}
     store.clear_image_errors([batch[i].image_id for i in row])
     return row, x, d
+
+
+def _concat(parts: list):
+    """Per-image data of several chunks: tensors concatenated, lists (e.g. box coordinates) joined."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return [v for p in parts for v in p]
+
+
+def _take(v, rows: list):
+    return v[rows] if isinstance(v, torch.Tensor) else [v[r] for r in rows]
 
 
 def _record(store: Store, rows: list, errors: list, log: logging.Logger, emit=None) -> list:
@@ -428,7 +448,7 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
 
     def batch_data(sel: list) -> dict:
         rows = [loaded()[i] for i in sel]
-        return {k: v[rows] for k, v in cache["data"].items()}
+        return {k: _take(v, rows) for k, v in cache["data"].items()}
 
     for spec in cfg.methods:
         rk = run_keys[spec.label]

@@ -33,6 +33,7 @@ from .config import BenchConfig, MethodSpec
 from .faults import describe_error, run_isolated
 from .lock import RunLock, lock_paths
 from .metrics_bridge import BoundMetric, bind
+from .pipeline import Prefetcher
 from .progress import BenchProgress
 from .store import Store, key_of, merge_into
 
@@ -282,16 +283,27 @@ def run_bench(cfg: BenchConfig) -> dict:
                  "metrics %s; device %s; version %s", len(items), len(batches), B, info.index, info.count,
                  len(mine), [s.label for s in cfg.methods], cfg.metrics, device, version)
 
-        bar = _start_progress(cfg, info, store, mine, run_keys, metrics, log)
+        bar, pending = _start_progress(cfg, info, store, mine, run_keys, metrics, log)
         computed = dict(maps=0, rows=0)
         errors: list[dict] = []
+        t_loop = time.perf_counter()
+        loader = Prefetcher()  # decodes batch k + 1 while batch k computes
         try:
-            for batch in mine:
+            for k, batch in enumerate(mine):
+                nxt = mine[k + 1] if k + 1 < len(mine) else None
+                ahead = None
+                if nxt is not None and any(it.image_id in pending for it in nxt):
+                    def ahead(k=k, nxt=nxt):
+                        loader.submit(k + 1, lambda: _decode(model, data, nxt, log))
                 _run_batch(cfg, model, data, batch, store, run_keys, full_params, metrics, version, bar,
-                           computed, log, errors)
+                           computed, log, errors, decoded=loader.take(k), ahead=ahead)
         finally:
+            loader.close()
             bar.close()
             store.close()
+        # throughput accounting (benchmarks/bench_overhead.py): the loop's wall time vs its calls' own time
+        computed["loop_seconds"] = time.perf_counter() - t_loop
+        computed["compute_seconds"] = sum(bar.secs.values())
         log.info("shard done: %d maps and %d rows computed, %d errors", computed["maps"], computed["rows"],
                  len(errors))
         distributed.barrier(info)
@@ -350,13 +362,18 @@ def _start_progress(cfg: BenchConfig, info, store: Store, mine: list, run_keys: 
     ids = {it.image_id for b in mine for it in b}
     n = len(ids)
     maps_total, maps_done, rows_total, rows_done = {}, {}, {}, {}
+    pending: set = set()  # images with some work left
     for spec in cfg.methods:
         rk = run_keys[spec.label]
         maps_total[spec.label] = n
-        maps_done[spec.label] = len(store.map_ids(rk) & ids)
+        have = store.map_ids(rk) & ids
+        maps_done[spec.label] = len(have)
+        pending |= ids - have
         for m in metrics:
             rows_total[(m.name, spec.label)] = n
-            rows_done[(m.name, spec.label)] = len(store.result_ids(rk, m.name, m.key) & ids)
+            have = store.result_ids(rk, m.name, m.key) & ids
+            rows_done[(m.name, spec.label)] = len(have)
+            pending |= ids - have
     desc = f"bench {info.index}/{info.count}" if info.sharded else "bench"
     bar = BenchProgress(maps_total, maps_done, rows_total, rows_done, enabled=cfg.progress, log=log, desc=desc)
     line = (f"{bar.start_line()} ({n} images, {len(cfg.methods)} methods, {len(metrics)} metrics"
@@ -364,7 +381,7 @@ def _start_progress(cfg: BenchConfig, info, store: Store, mine: list, run_keys: 
     bar.emit(line)
     if not bar.enabled and cfg.progress is not False:  # what a resume found is always shown
         print(f"vitlens bench: {line}", file=sys.stderr, flush=True)
-    return bar
+    return bar, pending
 
 
 def _image_message(path, e: BaseException) -> str:
@@ -372,19 +389,26 @@ def _image_message(path, e: BaseException) -> str:
     return msg if str(path) in msg else f"{msg} ({path})"
 
 
+def _decode(model, data: BenchData, batch: list[Item], log: logging.Logger) -> tuple:
+    """Decode the batch's images and ground truth, image by image where the batch fails (thread-safe:
+    no store access; runs in the :class:`.pipeline.Prefetcher` thread for the next batch)."""
+
+    def load(sel: list) -> tuple:
+        items = [batch[i] for i in sel]
+        return load_images(model, [it.path for it in items]), data.data_for(items, model.input_size, model.crop_pct)
+
+    return run_isolated(load, range(len(batch)), log=log.warning)
+
+
 def _load_batch(model, data: BenchData, batch: list[Item], store: Store, version: str,
-                log: logging.Logger, errors: list, emit=None) -> tuple[dict, Optional[torch.Tensor], dict]:
-    """Decode the batch's images and its ground truth, image by image where the batch fails.
+                log: logging.Logger, errors: list, emit=None,
+                decoded: Optional[tuple] = None) -> tuple[dict, Optional[torch.Tensor], dict]:
+    """The batch decoded (by :func:`_decode`, here or ahead of time); unreadable images recorded.
 
     Returns ``(row, x, data)``: ``row[i]`` is batch image ``i``'s row in ``x``/``data`` (readable images
     only); unreadable images are recorded as ``image`` errors and left out."""
     paths = [it.path for it in batch]
-
-    def load(sel: list) -> tuple:
-        items = [batch[i] for i in sel]
-        return load_images(model, [paths[i] for i in sel]), data.data_for(items, model.input_size, model.crop_pct)
-
-    chunks, failed = run_isolated(load, range(len(batch)), log=log.warning)
+    chunks, failed = decoded if decoded is not None else _decode(model, data, batch, log)
     _record(store, [dict(image_id=batch[i].image_id, stage="image", message=_image_message(paths[i], e),
                          version=version) for i, e in failed.items()], errors, log, emit)
     if not chunks:
@@ -429,8 +453,11 @@ def _record(store: Store, rows: list, errors: list, log: logging.Logger, emit=No
 
 def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], store: Store,
                run_keys: dict, full_params: dict, metrics: list[BoundMetric], version: str, bar: BenchProgress,
-               computed: dict, log: logging.Logger, errors: list) -> None:
-    """Every missing map and row of one batch; failures are recorded (``errors`` rows), never raised."""
+               computed: dict, log: logging.Logger, errors: list, decoded: Optional[tuple] = None,
+               ahead=None) -> None:
+    """Every missing map and row of one batch; failures are recorded (``errors`` rows), never raised.
+    ``decoded``: the batch as :func:`_decode` returns it, if it was decoded ahead of time; ``ahead()``
+    starts decoding the next batch (called once this batch's images are available)."""
     import vitlens
 
     ids = [it.image_id for it in batch]
@@ -440,7 +467,9 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
         """Batch index -> row of the decoded images (readable images only); decodes on first use."""
         if "row" not in cache:
             cache["row"], cache["x"], cache["data"] = _load_batch(model, data, batch, store, version, log, errors,
-                                                                  bar.emit)
+                                                                  bar.emit, decoded)
+            if ahead is not None:
+                ahead()
         return cache["row"]
 
     def images(sel: list) -> torch.Tensor:

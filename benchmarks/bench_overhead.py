@@ -91,21 +91,28 @@ def main() -> None:
              args.forward_batch_size)
     own = own_cost(model, paths, labels, masks, coverage, methods, metrics, args.steps, args.batch_size,
                    args.forward_batch_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = BenchConfig(out=str(Path(tmp) / "run"), model=MODEL, weights=str(SHARED / "models"), data=str(data),
-                          methods=methods, metrics=metrics,
-                          metric_params={m: {"n_steps": args.steps} for m in metrics if m in ("insertion", "deletion")},
-                          limit=args.images, batch_size=args.batch_size, forward_batch_size=args.forward_batch_size,
-                          device=args.device, report=False, progress=False)
-        s = run_bench(cfg)
+    runs = {}
+    for prefetch in ("0", "1"):  # without and with the background loader, in the same run
+        os.environ["VITLENS_BENCH_PREFETCH"] = prefetch
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = BenchConfig(out=str(Path(tmp) / "run"), model=MODEL, weights=str(SHARED / "models"),
+                              data=str(data), methods=methods, metrics=metrics,
+                              metric_params={m: {"n_steps": args.steps} for m in metrics
+                                             if m in ("insertion", "deletion")},
+                              limit=args.images, batch_size=args.batch_size,
+                              forward_batch_size=args.forward_batch_size, device=args.device, report=False,
+                              progress=False)
+            runs[prefetch] = run_bench(cfg)
     n = args.images
-    print(json.dumps(dict(images=n, batch_size=args.batch_size, methods=methods, metrics=metrics, steps=args.steps,
-                          threads=torch.get_num_threads(), device=args.device, own_seconds=round(own, 3),
-                          bench_loop_seconds=round(s["loop_seconds"], 3),
-                          bench_compute_seconds=round(s["compute_seconds"], 3),
-                          own_images_per_s=round(n / own, 3), bench_images_per_s=round(n / s["loop_seconds"], 3),
-                          ratio=round(s["loop_seconds"] / own, 3),
-                          ratio_inside=round(s["loop_seconds"] / s["compute_seconds"], 3))))
+    out = dict(images=n, batch_size=args.batch_size, methods=methods, metrics=metrics, steps=args.steps,
+               threads=torch.get_num_threads(), device=args.device, own_seconds=round(own, 3),
+               own_images_per_s=round(n / own, 3))
+    for prefetch, s in runs.items():
+        tag = "prefetch" if prefetch == "1" else "no_prefetch"
+        out[tag] = dict(loop_seconds=round(s["loop_seconds"], 3), compute_seconds=round(s["compute_seconds"], 3),
+                        images_per_s=round(n / s["loop_seconds"], 3), ratio=round(s["loop_seconds"] / own, 3),
+                        ratio_inside=round(s["loop_seconds"] / s["compute_seconds"], 3))
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ Order of work, per batch of ``batch_size`` images (the shard unit, see :mod:`.di
    one transaction.
 
 Nothing is recomputed that is committed in the run's database or in the merged ``results.sqlite``.
+One runner per folder (or shard): :mod:`.lock`. Progress lines, heartbeat and ETA: :mod:`.progress`.
+Bad data (an unreadable image, a method or metric raising on an image) is isolated per image, recorded as
+an ``errors`` row and skipped (:mod:`.faults`); the next batch is decoded in the background while the
+current one computes (:mod:`.pipeline`).
 Targets: ``label`` explains and scores the ground-truth class; ``predicted`` the model's top-1 class.
 The code version (``vitlens.__version__`` + git hash) is recorded in every row but is not part of any
 key, so resuming after upgrading the code continues the same run.

@@ -84,7 +84,7 @@ class BenchProgress:
 
             self.bar = tqdm(total=sum(self.total.values()), initial=sum(self.done.values()), desc=desc,
                             unit="item", dynamic_ncols=True, file=self.stream,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}")
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
         self._thread: Optional[threading.Thread] = None
         if self.enabled:
             self._thread = threading.Thread(target=self._heartbeat, name="vitlens-bench-progress", daemon=True)

@@ -399,7 +399,8 @@ def examples_figure(con: sqlite3.Connection, t: Table, n: int) -> Optional[str]:
             py, px = np.unravel_index(int(np.argmax(m)), m.shape)
             hv = hits.get((t.row_keys[r], iid))
             colour = "white" if hv is None else ("lime" if hv == 1 else "red")
-            ax.plot([px], [py], marker="X", markersize=9, color=colour, markeredgecolor="black", markeredgewidth=1, clip_on=False)
+            ax.plot([px], [py], marker="X", markersize=9, color=colour, markeredgecolor="black", markeredgewidth=1,
+                    clip_on=False)
             title = r if (i == 0 and not transpose) else ""
             if target is not None and label is not None and int(target) != int(label):
                 title = (title + "\n" if title else "") + f"explains: {class_name(names, int(target))}"

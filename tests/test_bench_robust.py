@@ -298,7 +298,7 @@ def test_failed_work_is_retried_and_resolved_when_it_succeeds(bad_run, tmp_path)
     assert sorted(_q(db2, "SELECT stage, image_id FROM errors")) == [("image", ids[4]), ("method", ids[1])]
     # results.md keeps every run of the folder; the subset view has this run's entries only
     assert "| flaky |" in (work / "out" / "results.md").read_text()
-    sub = (work / "out" / "subset" / "results.md").read_text()
+    sub = (work / "out" / "this-run" / "results.md").read_text()
     assert "| rollout |" in sub and "| flaky |" not in sub
     assert len(_q(db, "SELECT * FROM errors")) == 3  # the original folder is untouched
     assert "_flaky_test" in mbase._REGISTRY

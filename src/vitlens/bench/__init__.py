@@ -14,7 +14,7 @@ Output folder: ``results.sqlite`` (maps + one row per model/method/image/metric/
 ``errors`` row per image a method or metric failed on or that could not be read, see :mod:`.store`),
 ``shards/`` (per-process files of sharded runs), ``logs/bench*.log``, ``results.md``, ``results.csv``
 and ``report.html`` for everything in the database (see :mod:`.report`; ``--report-subset`` adds the
-run's own view in ``subset/``), and ``bench.lock`` while a run is active (see :mod:`.lock`). Running the
+run's own view in ``this-run/``), and ``bench.lock`` while a run is active (see :mod:`.lock`). Running the
 same command again resumes: it says what it found (``resuming: 30 of 54 maps, 12 of 108 rows done``)
 and computes only the missing maps and rows (failed ones are retried). Progress (:mod:`.progress`): a
 line per method and metric call with rates and the ETA of the whole run, on stderr. Bad data

@@ -41,7 +41,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-report", dest="report", action="store_false", default=None)
     p.add_argument("--examples", type=int, help="example images in report.html (default 4)")
     p.add_argument("--report-subset", dest="report_subset", action="store_true", default=None,
-                   help="also write this run's methods and metrics alone to OUT/subset/ (results.md always "
+                   help="also write this run's methods and metrics alone to OUT/this-run/ (results.md always "
                         "shows everything in OUT)")
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="show progress even when VITLENS_NO_PROGRESS is set (default: a bar on a terminal, "

@@ -1,7 +1,7 @@
 """Reports of a benchmark folder: ``results.md``, ``results.csv`` and a self-contained ``report.html``.
 
 What they show: every (method entry, metric protocol) pair in the folder's database (all runs, not only
-the last one; a run's own view is written to ``OUT/subset/`` only when asked, ``--report-subset``).
+the last one; a run's own view is written to ``OUT/this-run/`` only when asked, ``--report-subset``).
 
 Statistics: per (method entry, metric protocol) the mean over images with a finite value (images a
 protocol excludes, e.g. pointing-game images with large boxes, are NaN and left out; ``n`` counts the

@@ -322,12 +322,12 @@ def run_bench(cfg: BenchConfig) -> dict:
                 from .report import write_report
 
                 # results.md/csv and report.html always show everything the folder's database holds;
-                # this run's own view only when asked (--report-subset: OUT/subset/)
+                # this run's own view only when asked (--report-subset: OUT/this-run/)
                 summary["report"] = write_report(out, examples=cfg.examples)
                 if getattr(cfg, "report_subset", False):
                     summary["subset_report"] = write_report(out, run_keys=list(run_keys.values()),
                                                             protocol_keys=[m.key for m in metrics],
-                                                            examples=cfg.examples, subset="subset")
+                                                            examples=cfg.examples, subset="this-run")
             summary["seconds"] = time.perf_counter() - t_start
         log.info("finished in %.1f s", summary["seconds"])
         return summary

@@ -13,7 +13,8 @@ One runner per folder (or shard): :mod:`.lock`. Progress lines, heartbeat and ET
 Bad data (an unreadable image, a method or metric raising on an image) is isolated per image, recorded as
 an ``errors`` row and skipped (:mod:`.faults`); the next batch is decoded in the background while the
 current one computes (:mod:`.pipeline`).
-Targets: ``label`` explains and scores the ground-truth class; ``predicted`` the model's top-1 class.
+Targets: ``label`` explains the ground-truth class; ``predicted`` the model's top-1 class (per dataset, see
+:mod:`.datasets`: ImageNet-Segmentation has no labels, OpenImages explains each annotated class's prompt).
 The code version (``vitlens.__version__`` + git hash) is recorded in every row but is not part of any
 key, so resuming after upgrading the code continues the same run.
 """
@@ -24,7 +25,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +34,7 @@ import torch
 from ..errors import InputError
 from . import distributed
 from .config import BenchConfig, MethodSpec
+from .datasets import BenchDataset as BenchData, Item, metrics_for, open_dataset
 from .faults import describe_error, run_isolated
 from .lock import RunLock, lock_paths
 from .metrics_bridge import BoundMetric, bind
@@ -44,7 +45,6 @@ from .store import Store, key_of, merge_into
 MAIN_DB = "results.sqlite"
 _RUNTIME = ("seed", "batch_size", "progress")  # explain() arguments that are not method parameters
 SHARD_DIR = "shards"
-_IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -77,47 +77,6 @@ def weights_id(model: str, weights: Optional[str]) -> str:
         return f"{f.name}:{f.stat().st_size}"
     except Exception:
         return str(spec)
-
-
-@dataclass
-class Item:
-    image_id: str
-    path: Path
-    label: int          # -1 when unknown
-    synset: str
-    index: int          # index in the ImageNetBoxes dataset (-1 for a plain folder)
-
-
-class BenchData:
-    """An ImageNet folder with boxes (``LOC_val_solution.csv``) or a plain folder of images."""
-
-    def __init__(self, root: str):
-        from ..data import ImageNetBoxes
-
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise InputError(f"data folder not found: {self.root}")
-        self.boxes: Optional[ImageNetBoxes] = None
-        if (self.root / "LOC_val_solution.csv").exists():
-            self.boxes = ImageNetBoxes(self.root)
-            self.items = [Item(s.image_id, s.path, s.label, s.synset, i) for i, s in enumerate(self.boxes.samples)]
-        else:
-            files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in _IMAGE_EXTS)
-            if not files:
-                raise InputError(f"no images ({', '.join(_IMAGE_EXTS)}) found in {self.root}")
-            self.items = [Item(str(p.relative_to(self.root).with_suffix("")), p, -1, "", -1) for p in files]
-
-    def coverage(self, items: list[Item], size, crop_pct) -> np.ndarray:
-        if self.boxes is None:
-            return np.full(len(items), np.nan)
-        return self.boxes.box_coverage([it.index for it in items], size, crop_pct).numpy()
-
-    def data_for(self, items: list[Item], size, crop_pct) -> dict:
-        if self.boxes is None:
-            return {}
-        idx = [it.index for it in items]
-        return dict(boxes=self.boxes.box_masks(idx, size, crop_pct),
-                    coverage=self.boxes.box_coverage(idx, size, crop_pct).float())
 
 
 def _device(spec: str, info: distributed.ShardInfo) -> torch.device:
@@ -187,15 +146,6 @@ def load_images(model, paths: list) -> torch.Tensor:
     return x
 
 
-def _targets(cfg: BenchConfig, model, items: list[Item], x: Optional[torch.Tensor]) -> list[int]:
-    if cfg.target == "label":
-        if any(it.label < 0 for it in items):
-            raise InputError("the data folder has no labels (no LOC_val_solution.csv): use --target predicted.")
-        return [it.label for it in items]
-    with torch.no_grad():
-        return model.class_logits(model.forward(x)).argmax(-1).tolist()
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     """Run (or resume) the benchmark described by ``cfg``; returns a summary dict."""
     import vitlens
@@ -234,24 +184,24 @@ def run_bench(cfg: BenchConfig) -> dict:
             if unknown:
                 raise InputError(f"unknown parameter(s) for method '{spec.method}': {', '.join(sorted(unknown))}; "
                                  f"it accepts: {', '.join(sorted(method_infos[spec.label].defaults))}.")
+        data = open_dataset(cfg.data, cfg.dataset)  # cheap (file lists, CSVs); decides the metrics of dict configs
         metrics: list[BoundMetric] = []
-        for name in cfg.metrics:
+        for name in metrics_for(cfg.metrics, data.kind):
             try:
                 metrics.append(bind(name, cfg.metric_params.get(name)))
             except InputError:
                 raise
             except Exception as e:
                 raise InputError(str(e)) from None
+        data.check_metrics(metrics)
 
         run_lock = RunLock(*lock_paths(out, suffix), log=lambda m: (log.warning(m), print(m, file=sys.stderr)))
         run_lock.acquire()  # refuses a second runner on the same folder (or shard) with a clear error
         torch.manual_seed(cfg.seed)  # a random-weights model is the same in every process
         model = vitlens.load_model(cfg.model, weights=cfg.weights, device=device, **cfg.model_args)
         model.module.eval()
-        data = BenchData(cfg.data) if cfg.data else None
-        if data is None:
-            raise InputError("no data folder given (--data DIR).")
-        _preflight(cfg, data, metrics)
+        data.prepare_model(model)
+        _preflight(cfg, data, model)
         items, cov = select_items(cfg, data, model)
         B = int(cfg.batch_size)
         batches = [items[k:k + B] for k in range(0, len(items), B)]
@@ -337,18 +287,16 @@ def run_bench(cfg: BenchConfig) -> dict:
         distributed.finish(created)
 
 
-def _preflight(cfg: BenchConfig, data: BenchData, metrics: list[BoundMetric]) -> None:
-    """Configuration errors that would fail on every image: refused before the run starts (inside the run,
-    failures are recorded per image and skipped, so these must not get that far)."""
-    items = getattr(data, "items", [])
-    if cfg.target == "label" and items and all(getattr(it, "label", 0) < 0 for it in items):
-        raise InputError("the data folder has no labels (no LOC_val_solution.csv): use --target predicted.")
-    if getattr(data, "boxes", True) is None:
-        for m in metrics:
-            missing = [k for k in m.needs if k in ("boxes", "coverage")]
-            if missing:
-                raise InputError(f"metric '{m.name}' needs '{missing[0]}', which this dataset does not provide "
-                                 "(give an ImageNet folder with LOC_val_solution.csv).")
+def _preflight(cfg: BenchConfig, data: BenchData, model) -> None:
+    """Configuration errors that would fail on every image are raised before the run starts (inside the
+    run, failures are recorded per image and skipped, so these must not get that far): the target rule
+    the dataset cannot serve (``label`` without labels) and a dataset that needs a text model."""
+    items = list(getattr(data, "items", []))[:1]
+    if not items:
+        return
+    no_labels = getattr(data, "kind", "") == "imagenet-seg" or all(it.label < 0 for it in data.items)
+    if (cfg.target == "label" and no_labels) or getattr(data, "kind", "") == "openimages":
+        data.targets(cfg.target, model, items, None)  # these rules need no image: raises the dataset's message
 
 
 def _class_meta(data: BenchData) -> dict:
@@ -399,7 +347,7 @@ def _decode(model, data: BenchData, batch: list[Item], log: logging.Logger) -> t
 
     def load(sel: list) -> tuple:
         items = [batch[i] for i in sel]
-        return load_images(model, [it.path for it in items]), data.data_for(items, model.input_size, model.crop_pct)
+        return data.load(model, items), data.data_for(items, model.input_size, model.crop_pct)
 
     return run_isolated(load, range(len(batch)), log=log.warning)
 
@@ -496,10 +444,10 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
 
             def explain(sel: list, spec=spec) -> tuple:
                 x = images(sel)
-                tg = _targets(cfg, model, [batch[i] for i in sel], x)
+                tg, keep = data.targets(cfg.target, model, [batch[i] for i in sel], x)
                 exp = vitlens.explain(model, x, method=spec.method, target=tg, seed=cfg.seed,
                                       batch_size=cfg.forward_batch_size, progress=False, **spec.params)
-                return exp.targets.tolist(), exp.numpy()
+                return exp.targets.tolist() if keep is None else keep, exp.numpy()
 
             chunks, failed = run_isolated(explain, ok, log=log.warning)
             for c in chunks:

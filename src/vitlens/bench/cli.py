@@ -106,6 +106,10 @@ def report_main(args: argparse.Namespace) -> int:
         return 2
     print(res["table"])
     print(f"wrote {res['markdown']}, {res['csv']}, {res['html']}")
+    n_err = sum(int(e[3]) for e in res.get("errors") or [])
+    if n_err:
+        print(f"vitlens report: {n_err} failed item(s) (unreadable images, method or metric errors) are listed "
+              f"under 'Errors' in {res['markdown']}.", file=sys.stderr)
     return 0
 
 

@@ -180,7 +180,7 @@ def test_non_terminal_output_has_a_line_per_call_and_a_heartbeat_during_long_cal
     buf = io.StringIO()
     p = BenchProgress({"tis": 8}, {"tis": 0}, {}, {}, enabled=True, interval=0.3, stream=buf)
     p.begin("maps tis", 8, "img_001")
-    time.sleep(1.6)  # the heartbeat thread wakes every min(interval, 5) s
+    time.sleep(1.6)  # the heartbeat thread wakes every min(1, interval / 3) s
     p.end(("map", "tis"), "maps tis", 8, 1.6)
     p.close()
     lines = buf.getvalue().splitlines()

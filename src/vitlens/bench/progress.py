@@ -163,11 +163,11 @@ class BenchProgress:
             self.bar.set_postfix_str(cur + self._eta_str(), refresh=True)
 
     def _heartbeat(self) -> None:
-        tick = 1.0 if self.tty else min(self.interval, 5.0)
+        tick = min(1.0, self.interval / 3)
         while not self._stop.wait(tick):
             if self.tty:
                 self._refresh_bar()
-            elif time.perf_counter() - self.last_output >= self.interval:
+            elif time.perf_counter() - self.last_output >= self.interval - tick:  # a gap never exceeds interval
                 cur = self.current
                 if cur is not None:
                     what, n, first, ts = cur

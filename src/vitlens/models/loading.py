@@ -89,6 +89,11 @@ def check_model_name(lib: str, name: str) -> None:
     failed download). Hugging Face names (and timm ``hf-hub:`` names) cannot be checked offline."""
     if lib == "timm" and name.startswith(("hf-hub:", "hf_hub:")):
         return
+    if lib == "timm":
+        import timm
+
+        if timm.is_model(name) and "." not in name:  # the common case, without listing every model
+            return
     known = _known_names(lib)
     if known is None:
         return

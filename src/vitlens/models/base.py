@@ -147,6 +147,15 @@ class ViTAdapter:
         pre-norm applied."""
         raise NotImplementedError
 
+    def embed_parts(self, x: Tensor) -> dict:
+        """The pieces of :meth:`embed`, for relevance propagation to the pixels (optional):
+        ``conv`` (the patch-embedding ``nn.Conv2d``), ``patches`` (B, N, D) its flattened output,
+        ``prefix`` (B, P, D) the prefix tokens before the position embedding, ``pos`` (1, P+N, D) the
+        added position embedding, ``post`` the norm applied to the sum (or None), so that
+        ``embed(x) == post(cat(prefix, patches) + pos)``."""
+        raise UnsupportedModelError(f"{self.describe()} does not expose its patch embedding "
+                                    "(needed for relevance at the input pixels).")
+
     def head(self, tokens: Tensor) -> Tensor:
         """Model output from the tokens after the last block (final norm, pooling, head).
 

@@ -45,6 +45,10 @@ def find_weights(name: str, location: Union[str, os.PathLike]) -> Path:
 
 
 def _resolve_weights(name: str, weights: Optional[str]) -> Optional[Union[str, Path]]:
+    if weights is None and Path(name).is_dir():  # a saved Hugging Face folder given as the name
+        return Path(name)
+    if weights is not None and str(weights) != "random" and (Path(weights) / "config.json").is_file():
+        return Path(weights)  # a save_pretrained folder (Hugging Face)
     if weights is None:
         env = os.environ.get(WEIGHTS_ENV)
         if env:
@@ -86,8 +90,8 @@ def check_model_name(lib: str, name: str) -> None:
     """Raise :class:`UnsupportedModelError` with close matches when ``name`` is not a model of ``lib``.
 
     Runs before any weights lookup, so a typo is reported as such (not as a missing weights file or a
-    failed download). Hugging Face names (and timm ``hf-hub:`` names) cannot be checked offline."""
-    if lib == "timm" and name.startswith(("hf-hub:", "hf_hub:")):
+    failed download). Hugging Face names (and ``hf-hub:`` names) cannot be checked offline."""
+    if name.startswith(("hf-hub:", "hf_hub:")):  # hub repositories (timm, open_clip): not listed offline
         return
     if lib == "timm":
         import timm
@@ -178,10 +182,19 @@ def wrap_model(module: nn.Module, **kwargs) -> ViTAdapter:
     if mod.startswith("torchvision.") and hasattr(module, "conv_proj"):
         from .torchvision_vit import TorchvisionViTAdapter
         return TorchvisionViTAdapter(module, **kwargs)
-    if mod.startswith("transformers.") and (hasattr(module, "vit") or hasattr(module, "deit")):
+    if mod.startswith("transformers.") and hasattr(module, "deit"):
+        from .hf_deit import HFDeiTAdapter
+        return HFDeiTAdapter(module, **kwargs)
+    if mod.startswith("transformers.") and hasattr(module, "vit"):
         from .hf_vit import HFViTAdapter
         return HFViTAdapter(module, **kwargs)
+    if mod.startswith("transformers.") and hasattr(module, "vision_model") and hasattr(module, "get_text_features"):
+        from .hf_clip import HFCLIPAdapter, HFSiglipAdapter
+        return (HFCLIPAdapter if hasattr(module, "visual_projection") else HFSiglipAdapter)(module, **kwargs)
     if mod.startswith("open_clip.") and hasattr(module, "visual"):
+        if hasattr(module.visual, "trunk"):
+            from .open_clip_timm import OpenCLIPTimmAdapter
+            return OpenCLIPTimmAdapter(module, **kwargs)
         from .open_clip_vit import OpenCLIPAdapter
         return OpenCLIPAdapter(module, **kwargs)
     if mod.startswith("timm.") and type(module).__name__.startswith("SwinTransformer"):
@@ -235,22 +248,42 @@ def _load_torchvision(name: str, weights, **kwargs) -> ViTAdapter:
 
 
 def _load_hf(name: str, weights, **kwargs) -> ViTAdapter:
+    """Hugging Face: the architecture named in the config (``CLIPModel``, ``SiglipModel``,
+    ``DeiTForImageClassificationWithTeacher``, ...; image classifiers otherwise), plus the tokenizer for
+    the dual encoders (loaded from the same folder / hub id; without one, prompts give a clear error)."""
+    import transformers
     from transformers import AutoConfig, AutoModelForImageClassification
 
     src = str(weights) if isinstance(weights, Path) else name
     if isinstance(weights, Path) and weights.is_file():
         src = str(weights.parent)
     try:
+        cfg = AutoConfig.from_pretrained(src if weights != "random" else name)
+        arch = (getattr(cfg, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None or getattr(cfg, "model_type", "") in ("clip", "siglip", "siglip2") and not arch.endswith("Model"):
+            cls = transformers.AutoModel if getattr(cfg, "model_type", "") in ("clip", "siglip", "siglip2") \
+                else AutoModelForImageClassification
         if weights == "random":
-            m = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(name, **kwargs))
+            m = cls.from_config(cfg, **kwargs) if hasattr(cls, "from_config") else cls._from_config(cfg, **kwargs)
         else:
-            m = AutoModelForImageClassification.from_pretrained(src, **kwargs)
+            m = cls.from_pretrained(src, **kwargs)
     except Exception as e:
         raise _hub_error(name, e) from None
+    if hasattr(m, "get_text_features"):
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(src if weights != "random" else name)
+        except Exception:  # no tokenizer files: prompts will raise a clear TargetError
+            tok = None
+        return wrap_model(m, tokenizer=tok)
     return wrap_model(m)
 
 
 def _load_open_clip(name: str, weights, **kwargs) -> ViTAdapter:
+    """open_clip: ``open_clip:ViT-B-16`` (``weights`` a pretrained tag or a checkpoint), including the
+    timm-tower models (``open_clip:ViT-B-16-SigLIP`` with ``weights="webli"``)."""
     import open_clip
 
     pretrained = None if weights == "random" else (str(weights) if weights is not None else None)
@@ -258,9 +291,13 @@ def _load_open_clip(name: str, weights, **kwargs) -> ViTAdapter:
         m = open_clip.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:
         raise _hub_error(name, e) from None
-    from .open_clip_vit import OpenCLIPAdapter
-
-    return OpenCLIPAdapter(m, tokenizer=open_clip.get_tokenizer(name))
+    try:
+        tok = open_clip.get_tokenizer(name)
+    except Exception:  # e.g. a Hugging Face tokenizer that is not cached offline
+        tok = False
+    adapter = wrap_model(m, tokenizer=tok)
+    adapter.name = f"open_clip:{name}"
+    return adapter
 
 
 def _read_state_dict(path: Path) -> dict:

@@ -171,3 +171,12 @@ def test_methods_lists_parameters_and_shows_docstrings(capsys):
     from vitlens.methods import get_method
 
     assert inspect.getdoc(get_method("vitcx").fn).splitlines()[0] in out and "delta: float | None = None" in out
+
+
+def test_known_model_names_pass_the_check():
+    from vitlens.models.loading import check_model_name
+
+    for lib, name in [("timm", "vit_tiny_patch16_224"), ("timm", "vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
+                      ("torchvision", "vit_b_16"), ("open_clip", "ViT-B-32"), ("hf", "google/vit-base-patch16-224"),
+                      ("timm", "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k")]:
+        check_model_name(lib, name)  # no error

@@ -99,7 +99,7 @@ def check_model_name(lib: str, name: str) -> None:
         if timm.is_model(name) and "." not in name:  # the common case, without listing every model
             return
     known = _known_names(lib)
-    if known is None:
+    if known is None or (lib != "timm" and name in known):
         return
     from ..errors import did_you_mean
 

@@ -180,3 +180,13 @@ def test_known_model_names_pass_the_check():
                       ("torchvision", "vit_b_16"), ("open_clip", "ViT-B-32"), ("hf", "google/vit-base-patch16-224"),
                       ("timm", "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k")]:
         check_model_name(lib, name)  # no error
+
+
+def test_python_m_vitlens_bench_usage_errors_are_one_line(capsys):
+    from vitlens.bench.cli import main as bench_main
+
+    for argv, pattern in [(["--limit", "abc"], r"argument --limit: invalid int value: 'abc'"),
+                          (["--frob"], r"unrecognized arguments: --frob")]:
+        assert bench_main(argv) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and re.search(pattern, lines[0]), lines

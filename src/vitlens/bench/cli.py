@@ -149,11 +149,17 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m vitlens.bench [bench] ...`` or ``python -m vitlens.bench report DIR``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m vitlens.bench")
+    from ..cli import OneLineParser, UsageError
+
+    ap = OneLineParser(prog="python -m vitlens.bench")  # usage errors: one line, exit code 2
     sub = ap.add_subparsers(dest="command")
     add_bench_parser(sub)
     add_report_parser(sub)
     if not argv or argv[0] not in ("bench", "report", "-h", "--help"):
         argv = ["bench", *argv]
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except UsageError as e:
+        print(" ".join(str(e).split()), file=sys.stderr)
+        return 2
     return int(args.func(args))

@@ -70,7 +70,7 @@ def get_method(name: str) -> MethodInfo:
         from ..errors import did_you_mean
 
         raise UnknownMethodError(f"unknown method '{name}'.{did_you_mean(name, _REGISTRY)} "
-                                 f"Available: {', '.join(sorted(_REGISTRY))}.")
+                                 f"The available methods: {', '.join(sorted(_REGISTRY))}.")
     return _REGISTRY[name]
 
 

@@ -99,7 +99,7 @@ def get_metric(name: str) -> MetricInfo:
         from ..errors import did_you_mean
 
         raise UnknownMethodError(f"unknown metric '{name}'.{did_you_mean(name, _REGISTRY)} "
-                                 f"Available: {', '.join(sorted(_REGISTRY))}.")
+                                 f"The available metrics: {', '.join(sorted(_REGISTRY))}.")
     return _REGISTRY[name]
 
 

@@ -34,14 +34,15 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["label", "predicted"], help="class to explain (default: label)")
     p.add_argument("--batch-size", type=int, help="images per explain()/metric call and per shard unit (default 8)")
     p.add_argument("--forward-batch-size", type=int, help="forward passes per batch inside methods/metrics")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of every random choice in methods and metrics (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--shard", help="i/n: compute only shard i of n (merge with `vitlens report DIR`)")
     p.add_argument("--resume", dest="resume", action="store_true", default=None,
                    help="continue an existing output folder (the default)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to reuse an existing folder")
-    p.add_argument("--no-report", dest="report", action="store_false", default=None)
+    p.add_argument("--no-report", dest="report", action="store_false", default=None,
+                   help="do not write results.md/csv and report.html at the end (run `vitlens report DIR` later)")
     p.add_argument("--examples", type=int, help="example images in report.html (default 4)")
     p.add_argument("--report-subset", dest="report_subset", action="store_true", default=None,
                    help="also write this run's methods and metrics alone to OUT/this-run/ (results.md always "
@@ -54,6 +55,33 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (results.sqlite, logs/, results.md/csv, report.html)")
     p.add_argument("--print-config", action="store_true", help="print the merged configuration and exit")
     return p
+
+
+def _convert_user_params(cfg, method_params: dict, metric_params: dict) -> None:
+    """Check method/metric names (close matches) and convert the values of ``--method-param`` /
+    ``--metric-param`` to the types the method's / metric's signature declares (one-line errors)."""
+    from .._params import convert_params
+    from ..methods import get_method
+    from ..metrics.base import get_metric
+
+    for spec in cfg.methods:
+        info = get_method(spec.method)
+        given = method_params.get(spec.label, {})
+        if given:
+            spec.params.update(convert_params(info.fn, given, info.defaults, owner=f"method '{spec.method}'",
+                                              flag="--method-param", prefix=f"{spec.label}."))
+    for name in cfg.metrics:
+        get_metric(name)
+    for name, given in (metric_params or {}).items():
+        if not isinstance(given, dict):
+            from ..errors import InputError
+
+            raise InputError(f"--metric-param {name}={given}: write METRIC.KEY=VALUE, e.g. insertion.n_steps=16.")
+        info = get_metric(name)
+        conv = convert_params(info.fn, given, info.defaults, owner=f"metric '{name}'", flag="--metric-param",
+                              prefix=f"{name}.")
+        if isinstance(cfg.metric_params, dict) and isinstance(cfg.metric_params.get(name), dict):
+            cfg.metric_params[name].update(conv)
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -72,7 +100,13 @@ def bench_main(args: argparse.Namespace) -> int:
         if args.metric_param:
             cli["metric_params"] = parse_assignments(args.metric_param, "metric parameter")
         cli["method_params"] = parse_assignments(args.method_param, "method parameter")
+        user_method_params = {k: dict(v) for k, v in cli["method_params"].items() if isinstance(v, dict)}
+        if args.device not in (None, "auto"):
+            from ..models.loading import check_device
+
+            check_device(args.device)
         cfg = build_config(cli, file=args.config, preset=None if (args.preset or args.config) else "default")
+        _convert_user_params(cfg, user_method_params, cli.get("metric_params", {}))
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1, default=str))
             return 0
@@ -134,11 +168,17 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m vitlens.bench [bench] ...`` or ``python -m vitlens.bench report DIR``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m vitlens.bench")
+    from ..cli import OneLineParser, UsageError
+
+    ap = OneLineParser(prog="python -m vitlens.bench")  # usage errors: one line, exit code 2
     sub = ap.add_subparsers(dest="command")
     add_bench_parser(sub)
     add_report_parser(sub)
     if not argv or argv[0] not in ("bench", "report", "-h", "--help"):
         argv = ["bench", *argv]
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except UsageError as e:
+        print(" ".join(str(e).split()), file=sys.stderr)
+        return 2
     return int(args.func(args))

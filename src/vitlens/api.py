@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import InputError, did_you_mean
 from .explanation import Explanation, minmax, upsample
 from .methods import get_method, method_names
 from .models import ViTAdapter, wrap_model
@@ -43,8 +43,9 @@ def explain(model: Union[ViTAdapter, nn.Module], x: Tensor, method: str = "tis",
     info = get_method(method)
     unknown = set(params) - set(info.defaults)
     if unknown:
-        raise InputError(f"unknown parameter(s) for method '{method}': {', '.join(sorted(unknown))}; "
-                         f"it accepts: {', '.join(sorted(info.defaults)) or 'none'}.")
+        first = sorted(unknown)[0]
+        raise InputError(f"unknown parameter(s) for method '{method}': {', '.join(sorted(unknown))}."
+                         f"{did_you_mean(first, info.defaults)} It accepts: {', '.join(sorted(info.defaults)) or 'none'}.")
     x = adapter.check_input(x)
     res = info.fn(adapter, x, target, seed=seed, batch_size=batch_size, progress=progress, **params)
     size = tuple(x.shape[-2:])

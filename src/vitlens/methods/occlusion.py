@@ -70,13 +70,14 @@ def occlusion(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int
     total = B * n
     bs = resolve_batch_size(batch_size, adapter, tokens_per_input(adapter, x), total)
     acc = torch.zeros(B, H, W, device=x.device, dtype=torch.float32)
+    rows_tgt = tgt.repeat_interleave(n)  # row r explains image r // n; sliced on the device below
     with torch.no_grad(), progress_bar(total, "Occlusion windows", progress, unit="img") as bar:
         for sl in batch_slices(total, bs):
             rows = torch.arange(sl.start, sl.stop, device=x.device)
             img, k = rows // n, rows % n
             m = (row_in[k // nx][:, :, None] & col_in[k % nx][:, None, :]).to(x.dtype)  # (b, H, W) 1 = hidden
             inputs = x[img] + m[:, None] * (base - x[img])
-            drop = clean[img] - row_scores(adapter, inputs, tgt, img, kind)
+            drop = clean[img] - row_scores(adapter, inputs, rows_tgt.select(sl), None, kind)
             acc.index_add_(0, img, drop[:, None, None] * m.float())
             bar.update(sl.stop - sl.start)
     sal = torch.where(count > 0, acc / count.clamp_min(1), torch.zeros_like(acc))

@@ -91,13 +91,14 @@ def scorecam(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int]
     masked_scores = torch.empty(total, device=x.device, dtype=torch.float32)
     with torch.no_grad():
         base_scores = row_scores(adapter, base.expand(B, -1, H, W), tgt, torch.arange(B, device=x.device), kind)
+        rows_tgt = tgt.repeat_interleave(D)  # row r explains image r // D; sliced on the device below
         with progress_bar(total, "Score-CAM channels", progress, unit="img") as bar:
             for sl in batch_slices(total, bs):
                 rows = torch.arange(sl.start, sl.stop, device=x.device)
                 img, ch = rows // D, rows % D
                 m = channel_masks(maps[img, ch], (H, W)).to(x.dtype)
                 inputs = base + m[:, None] * (x[img] - base)
-                masked_scores[sl] = row_scores(adapter, inputs, tgt, img, kind)
+                masked_scores[sl] = row_scores(adapter, inputs, rows_tgt.select(sl), None, kind)
                 bar.update(sl.stop - sl.start)
     s = masked_scores.reshape(B, D)
     alpha = s - base_scores[:, None] if weights == "cic" else s.softmax(-1)

@@ -42,6 +42,9 @@ Named protocols:
 * ``"tis_code"``: as ``"paper"`` but the curve has no untouched point: ``n_steps`` points after steps
   1..n (xs from 1/n to 1), trapezoid over those points.
 
+``precision`` (``"fp32"`` | ``"bf16"`` | ``"fp16"``, default fp32 on the CPU, bf16 on CUDA) and ``compile``
+apply to the curves' forward passes (:mod:`vitlens.precision`); scores, softmax and AUC stay float32.
+
 All ``B x n_points`` perturbed images are built by one vectorised comparison of each pixel's rank with
 the step's pixel count and run as batched forward passes (``batch_size`` images at a time).
 """
@@ -56,6 +59,7 @@ from torch import Tensor
 
 from ..batching import batch_slices, generator, progress as progress_bar, resolve_batch_size
 from ..errors import InputError
+from ..precision import perturbed_forward, runtime
 from .base import MetricResult, check_maps, pixel_stats, register_metric, trapezoid
 
 SUBSTRATES = ("blur", "black", "mean", "random", "zero")
@@ -158,7 +162,7 @@ def causal_curves(adapter, x: Tensor, maps: Tensor, target, *, mode: str, substr
             b, k = j // K, j % K
             changed = (rank[b] < counts[k][:, None])[:, None, :]  # (m, 1, HW)
             imgs = torch.where(changed, first[b], second[b]).reshape(-1, C, H, W)
-            y = adapter.forward(imgs)
+            y = perturbed_forward(adapter, imgs)
             out[sl] = adapter.score(y, tgt.select(sl), score).float()
             bar.update(sl.stop - sl.start)
     bar.close()
@@ -166,7 +170,8 @@ def causal_curves(adapter, x: Tensor, maps: Tensor, target, *, mode: str, substr
 
 
 def _run(mode: str, model, x: Tensor, maps, targets, *, protocol: str, substrate: Optional[str], n_steps: int,
-         score: str, blur_kernel: int, blur_sigma: float, seed: Optional[int], batch_size, progress) -> MetricResult:
+         score: str, blur_kernel: int, blur_sigma: float, seed: Optional[int], batch_size, progress,
+         precision=None, compile: Optional[bool] = None) -> MetricResult:
     from ..models import wrap_model
 
     if protocol not in PROTOCOLS:
@@ -184,8 +189,9 @@ def _run(mode: str, model, x: Tensor, maps, targets, *, protocol: str, substrate
     counts = step_counts(H * W, n_steps, proto["start_point"])
     with torch.no_grad():
         subst = make_substrate(adapter, x, sub, seed=seed, blur_kernel=blur_kernel, blur_sigma=blur_sigma)
-    curves = causal_curves(adapter, x, maps, tgt, mode=mode, substrate=subst, counts=counts, score=kind,
-                           batch_size=batch_size, progress=progress).cpu()
+    with runtime(precision, compile):  # the curves' forward passes only (vitlens.precision)
+        curves = causal_curves(adapter, x, maps, tgt, mode=mode, substrate=subst, counts=counts, score=kind,
+                               batch_size=batch_size, progress=progress).cpu()
     xs = counts.double() / (H * W)
     values = trapezoid(curves.double(), xs).float()
     full = dict(protocol=protocol, substrate=sub, n_steps=int(n_steps), score=kind, blur_kernel=blur_kernel,
@@ -197,7 +203,8 @@ def _run(mode: str, model, x: Tensor, maps, targets, *, protocol: str, substrate
 @register_metric("insertion", higher_is_better=True)
 def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", substrate: Optional[str] = None,
               n_steps: int = 224, score: str = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
-              seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> MetricResult:
+              seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,
+              precision=None, compile: Optional[bool] = None) -> MetricResult:
     """Insertion AUC (RISE Sec. 4.1): start from the substrate, restore the most salient pixels first.
 
     Higher is better. ``substrate=None`` takes the protocol's (``"blur"`` for every named protocol);
@@ -207,13 +214,14 @@ def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", 
     """
     return _run("insertion", model, x, maps, targets, protocol=protocol, substrate=substrate, n_steps=n_steps,
                 score=score, blur_kernel=blur_kernel, blur_sigma=blur_sigma, seed=seed, batch_size=batch_size,
-                progress=progress)
+                progress=progress, precision=precision, compile=compile)
 
 
 @register_metric("deletion", higher_is_better=False)
 def deletion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", substrate: Optional[str] = None,
              n_steps: int = 224, score: str = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
-             seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None) -> MetricResult:
+             seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,
+             precision=None, compile: Optional[bool] = None) -> MetricResult:
     """Deletion AUC (RISE Sec. 4.1): replace the most salient pixels by the substrate first.
 
     Lower is better. ``substrate=None`` takes the protocol's (``"blur"`` for ``"paper"`` and
@@ -223,4 +231,4 @@ def deletion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", s
     """
     return _run("deletion", model, x, maps, targets, protocol=protocol, substrate=substrate, n_steps=n_steps,
                 score=score, blur_kernel=blur_kernel, blur_sigma=blur_sigma, seed=seed, batch_size=batch_size,
-                progress=progress)
+                progress=progress, precision=precision, compile=compile)

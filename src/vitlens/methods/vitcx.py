@@ -271,6 +271,7 @@ def vitcx(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 
         noise: dict[int, Tensor] = {}
         img_of_dev = img_of.to(dev)  # once: no host-device copies inside the mask loop
         rows_tgt = tgt.select(img_of)
+        img_of_list = img_of.tolist()  # owner lookups of the noise cache without tensor reads in the loop
         with progress_bar(total, "ViT-CX masks", progress, unit="mask") as bar:
             for sl in batch_slices(total, bs):
                 M = flat_masks[sl].to(x.dtype)[:, None]  # (n, 1, H, W)
@@ -281,7 +282,7 @@ def vitcx(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 
                     out = perturbed_forward(adapter, imgs * M)
                     scores[sl] = adapter.score(out, rep, kind).float()
                 else:
-                    Z = _noise_slice(noise, sl, img_of, starts, counts, (C, H, W), sigma, seed, x)
+                    Z = _noise_slice(noise, sl, img_of_list, starts, counts, (C, H, W), sigma, seed, x)
                     eps = (1 - M) * Z
                     out = perturbed_forward(adapter, torch.cat([imgs * M + eps, imgs + eps]))
                     s = adapter.score(out, _twice(rep), kind).float()
@@ -305,7 +306,7 @@ def _twice(t: Target) -> Target:
                   is_text=torch.cat([t.is_text, t.is_text]))
 
 
-def _noise_slice(cache: dict, sl: slice, img_of: Tensor, starts: list[int], counts: list[int],
+def _noise_slice(cache: dict, sl: slice, img_of: Sequence[int], starts: list[int], counts: list[int],
                  shape: tuple[int, int, int], sigma: float, seed: Optional[int], x: Tensor) -> Tensor:
     """Z for the masks ``sl`` of the flat (image-major) mask list.
 

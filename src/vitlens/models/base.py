@@ -226,6 +226,8 @@ class ViTAdapter:
     # ------------------------------------------------------------------ compiled forward paths
     #: paths :meth:`compiled_path` can compile: the batched image forward and the token-sequence encoder
     COMPILE_PATHS = ("forward", "encode")
+    #: keyword arguments of ``torch.compile`` (static shapes: each batch is padded to one size)
+    COMPILE_OPTIONS: dict = {"dynamic": False}
 
     @property
     def _compile_batch(self) -> dict:
@@ -247,7 +249,7 @@ class ViTAdapter:
         if path not in cache:
             fn = (lambda x: self.forward(x)) if path == "forward" else self.encode_tokens
             try:
-                cache[path] = torch.compile(fn, dynamic=False)
+                cache[path] = torch.compile(fn, **self.COMPILE_OPTIONS)
             except Exception as e:  # e.g. no compiler backend on this platform
                 self.disable_compile(f"{type(e).__name__}: {e}")
                 return None

@@ -29,12 +29,13 @@ import torch
 
 from ..errors import InputError
 from . import distributed
+from ..precision import resolve_precision, runtime as precision_runtime
 from .config import BenchConfig, MethodSpec
 from .metrics_bridge import BoundMetric, bind
 from .store import Store, key_of, merge_into
 
 MAIN_DB = "results.sqlite"
-_RUNTIME = ("seed", "batch_size", "progress")  # explain() arguments that are not method parameters
+_RUNTIME = ("seed", "batch_size", "progress", "precision", "compile")  # explain() arguments, not method parameters
 SHARD_DIR = "shards"
 _IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -263,15 +264,18 @@ def run_bench(cfg: BenchConfig) -> dict:
 
             merge_shards(out)
         store = Store(db_path, also=[main_db])
+        precision = resolve_precision(cfg.precision, device)
         run_keys: dict[str, str] = {}
         full_params: dict[str, dict] = {}
         for spec in cfg.methods:
             params = {k: v for k, v in method_infos[spec.label].defaults.items() if k not in _RUNTIME}
             params.update(spec.params)
             full_params[spec.label] = params
-            run_keys[spec.label] = key_of(dict(model=cfg.model, weights=wid, model_args=cfg.model_args,
-                                               method=spec.method, params=params, seed=cfg.seed,
-                                               target=cfg.target, input_size=list(model.input_size)))
+            key = dict(model=cfg.model, weights=wid, model_args=cfg.model_args, method=spec.method, params=params,
+                       seed=cfg.seed, target=cfg.target, input_size=list(model.input_size))
+            if precision != "fp32":  # reduced-precision maps and rows are a different run (fp32 keys unchanged)
+                key["precision"] = precision
+            run_keys[spec.label] = key_of(key)
             store.put_run(run_keys[spec.label], label=spec.label, model=cfg.model, weights=wid, method=spec.method,
                           method_params=params, target_rule=cfg.target, seed=cfg.seed, model_info=model_info,
                           version=version)
@@ -288,10 +292,11 @@ def run_bench(cfg: BenchConfig) -> dict:
         bar = _Progress(n_mine, cfg.progress, f"bench {info.index}/{info.count}" if info.sharded else "bench")
         computed = dict(maps=0, rows=0)
         try:
-            for batch in mine:
-                _run_batch(cfg, model, data, batch, store, run_keys, full_params, metrics, version, bar,
-                           computed, log)
-                bar.update(len(batch))
+            with precision_runtime(precision, bool(cfg.compile)):
+                for batch in mine:
+                    _run_batch(cfg, model, data, batch, store, run_keys, full_params, metrics, version, bar,
+                               computed, log)
+                    bar.update(len(batch))
         finally:
             bar.close()
             store.close()

@@ -9,7 +9,15 @@ from torch import nn
 import vitlens
 from vitlens.errors import InputError, TargetError, UnsupportedModelError
 
-from conftest import IMG, TINY_FACTORIES, tiny_timm
+from conftest import IMG, TINY_FACTORIES, close_to_scale, tiny_timm
+
+
+def _module(name):
+    module = TINY_FACTORIES[name]()
+    if name == "torchvision":  # torchvision zero-initialises its head: all-zero logits would test nothing
+        with torch.no_grad():
+            module.heads.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return module
 
 
 def _reference_forward(name, module, x):
@@ -22,26 +30,27 @@ def _reference_forward(name, module, x):
 
 @pytest.mark.parametrize("name", sorted(TINY_FACTORIES))
 def test_forward_matches_library(name, images):
-    module = TINY_FACTORIES[name]()
+    module = _module(name)
     a = vitlens.wrap_model(module)
     with torch.no_grad():
         ours = a.forward(images)
         ref = _reference_forward(name, module, images)
         # the explicit-attention path (used when a method captures attention) must agree too
         manual = a.forward(images, hooks={"attn": lambda l, t: None})
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(manual, ref, atol=1e-5, rtol=1e-4)
+    # canonical blocks vs the library's own forward (fused SDPA vs explicit softmax): same maths, other float32 order
+    close_to_scale(ours, ref, rtol=1e-4)
+    close_to_scale(manual, ref, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_FACTORIES))
 def test_subset_with_all_tokens_equals_forward(name, images):
-    a = vitlens.wrap_model(TINY_FACTORIES[name]())
+    a = vitlens.wrap_model(_module(name))
     with torch.no_grad():
         emb = a.embed(images)
         n = emb.shape[1] - a.num_prefix_tokens
         full = a.forward_subset(emb, torch.arange(n).expand(images.shape[0], n))
         ref = a.forward(images)
-    torch.testing.assert_close(full, ref, atol=1e-5, rtol=1e-4)
+    close_to_scale(full, ref, rtol=1e-4)  # gathered tokens, another attention kernel: same maths, other order
 
 
 def test_subset_equals_model_on_reduced_sequence(images):
@@ -55,7 +64,7 @@ def test_subset_equals_model_on_reduced_sequence(images):
         P = a.num_prefix_tokens
         seq = torch.cat([emb[:, :P], torch.stack([emb[b, P + keep[b]] for b in range(2)])], 1)
         ref = m.forward_head(m.norm(m.blocks(seq)))
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    close_to_scale(ours, ref, rtol=1e-4)
 
 
 def test_subset_image_index_routes_rows(images):
@@ -65,9 +74,10 @@ def test_subset_image_index_routes_rows(images):
         emb = a.embed(images)
         out = a.forward_subset(emb, keep, torch.tensor([1, 0, 1]))
         one = a.forward_subset(emb[1:2], keep[:1])
-    torch.testing.assert_close(out[0], one[0])
-    torch.testing.assert_close(out[2], one[0])
-    assert not torch.allclose(out[1], one[0])
+    # a batch of 3 vs a batch of 1: GEMMs of other shapes, not bit-identical
+    close_to_scale(out[0], one[0], rtol=1e-4)
+    close_to_scale(out[2], one[0], rtol=1e-4)
+    assert (out[1] - one[0]).abs().max() > 1e-2 * one[0].abs().max()  # the other image's tokens
 
 
 @pytest.mark.parametrize("variant,names", [
@@ -119,7 +129,8 @@ def test_attention_matches_eager_timm(images):
         m(images)
         tr = a.trace(images, attn=True)
     h.remove()
-    torch.testing.assert_close(tr.attn[0], got[0], atol=1e-6, rtol=1e-5)
+    # probabilities (<= 1) from the same logits computed in another order: float32 error ~1e-7
+    torch.testing.assert_close(tr.attn[0], got[0], atol=1e-5, rtol=1e-5)
 
 
 def test_grid_any_size():
@@ -128,7 +139,7 @@ def test_grid_any_size():
     x = torch.randn(1, 3, 48, 80)
     assert a.grid_size(x) == (3, 5)
     with torch.no_grad():
-        torch.testing.assert_close(a.forward(x), m(x), atol=1e-5, rtol=1e-4)
+        close_to_scale(a.forward(x), m(x), rtol=1e-4)
 
 
 def test_unsupported_model_error_names_what_is_missing():
@@ -199,9 +210,10 @@ def test_clip_text_prompt_score(tiny_clip, images):
         img = tiny_clip.forward(images)
         txt = tiny_clip.module.encode_text(open_clip.tokenize(["a photo of a cat", "a dog"]))
     expected = (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
+    # cosines (|.| <= 1): text features of another batch shape -> float32 rounding ~1e-6
     torch.testing.assert_close(tiny_clip.score(img, t, "similarity"), expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(tiny_clip.score(img, t, "auto" if False else "logit"),
-                               expected * tiny_clip.module.logit_scale.exp(), atol=1e-4, rtol=1e-4)
+    scale = tiny_clip.module.logit_scale.exp().item()
+    torch.testing.assert_close(tiny_clip.score(img, t, "logit"), expected * scale, atol=1e-5 * float(scale), rtol=1e-4)
     with pytest.raises(TargetError, match="prob"):
         tiny_clip.score(img, t, "prob")
 

@@ -204,9 +204,11 @@ def test_gradcam_matches_reference(name, site):
         Z, G = ref_grad(a, x[i:i + 1], name, i, tg, a.num_blocks - 1, site=site)
         D = Z.shape[-1]
         alpha = G[P:].sum(0) / (Z.shape[0] - P)
-        cam = torch.stack([torch.relu(sum(alpha[k] * Z[t, k] for k in range(D)) / D) for t in range(Z.shape[0])])
+        pre = torch.stack([sum(alpha[k] * Z[t, k] for k in range(D)) / D for t in range(Z.shape[0])])
+        cam = torch.relu(pre)
         if float(grid(a, cam).max()) == 0:  # ReLU killed the whole map of this image
-            assert float(got[i].abs().max()) == 0
+            # a value at ~0 before the ReLU may round to either side: bound by the pre-ReLU scale
+            assert float(got[i].abs().max()) <= 1e-5 * float(pre.abs().max())
             continue
         checked += 1
         close(got[i], grid(a, cam), rtol=5e-4)

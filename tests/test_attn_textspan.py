@@ -78,7 +78,7 @@ def test_textspan_class_targets_on_clip_use_the_class_prompt():
     x = x_batch()
     by_class = ours(a, x, "textspan", [0, 1], n_layers=None)
     by_prompt = ours(a, x, "textspan", ["a photo of a dog", "a photo of a red car"], n_layers=None)
-    close(by_class, by_prompt, rtol=1e-5)
+    close(by_class, by_prompt, rtol=1e-4)  # text features from batches of 3 vs 2 prompts: float32 order differs
     contrasted = ours(a, x, "textspan", [0, 1], n_layers=None, contrast="class_mean")
     assert not torch.allclose(contrasted, by_class)
 

@@ -157,7 +157,7 @@ def test_pooler_head_matches_library(images):
     with torch.no_grad():
         out = a.head_with_pool_attention(a.run_blocks(a.embed(images)), lambda p: seen.append(p))
         ref = m(images)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    _close(out, ref)  # our pooling head vs the library's: same maths, other float32 order
     assert seen[0].shape == (2, a.num_heads, 1, 16)
     torch.testing.assert_close(seen[0].sum(-1), torch.ones(2, a.num_heads, 1))
 

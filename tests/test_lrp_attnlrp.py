@@ -15,7 +15,7 @@ from vitlens.errors import InputError, UnsupportedModelError
 from vitlens.methods import get_method
 from vitlens.methods._lrp import _IdentityRule, epsilon_grad, layer_norm_const, scale_grad
 
-from conftest import IMG, TINY_FACTORIES, tiny_timm, tiny_torchvision
+from conftest import IMG, TINY_FACTORIES, close_to_scale, tiny_timm, tiny_torchvision
 
 # ---------------------------------------------------------------------------- per-rule conservation
 
@@ -33,29 +33,31 @@ def test_uniform_rule_conserves_product_relevance():
 
 
 def test_identity_rule_passes_relevance_elementwise():
-    x = torch.randn(4, 7, requires_grad=True)
+    x = torch.randn(4, 7, generator=torch.Generator().manual_seed(0)).requires_grad_()
     y = _IdentityRule.apply(x, F.gelu(x).detach())
-    gy = torch.randn(4, 7)
+    gy = torch.randn(4, 7, generator=torch.Generator().manual_seed(1))
     (gx,) = torch.autograd.grad(y, x, gy)
-    torch.testing.assert_close(y, F.gelu(x))
-    torch.testing.assert_close(x * gx, y * gy)
+    torch.testing.assert_close(y, F.gelu(x), rtol=0, atol=0)  # the rule returns the given output bit for bit
+    close_to_scale(x * gx, y * gy, rtol=1e-5)  # x * (gy * y / x): a few roundings of each element
 
 
 def test_layernorm_constant_std_is_conservative_without_bias():
     ln = nn.LayerNorm(6)
     with torch.no_grad():
-        ln.weight.uniform_(0.5, 2.0)
+        ln.weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(2))
         ln.bias.zero_()
-    x = torch.randn(3, 6, requires_grad=True)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0)).requires_grad_()
     y = layer_norm_const(ln, x)
-    torch.testing.assert_close(y, ln(x))
-    gy = torch.randn(3, 6)
+    close_to_scale(y, ln(x), rtol=1e-5)  # our LayerNorm formula vs torch's kernel: float32 order differs
+    gy = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
     (gx,) = torch.autograd.grad(y, x, gy)
-    torch.testing.assert_close((x * gx).sum(-1), (y * gy).sum(-1))
+    # sums of 6 terms: bound the rounding by the terms' magnitude, not by the (possibly ~0) sum
+    torch.testing.assert_close((x * gx).sum(-1), (y * gy).sum(-1), rtol=0, atol=1e-5 * float((y * gy).abs().sum(-1).max()))
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.5])
 def test_epsilon_rule(eps):
+    torch.manual_seed(0)  # nn.Linear's initialisation: the same data on every run, whatever ran before
     lin = nn.Linear(5, 4)
     x = torch.randn(3, 5, requires_grad=True)
     z = epsilon_grad(lin(x), eps)
@@ -63,12 +65,22 @@ def test_epsilon_rule(eps):
     zd = z.detach()
     (gx,) = torch.autograd.grad(z, x, R / zd)  # gradient that carries R at z
     expected = x.detach() * ((R / (zd + eps * torch.where(zd >= 0, 1.0, -1.0))) @ lin.weight.detach())
-    torch.testing.assert_close(x * gx, expected)
+    # R / z can be large where z ~ 0: bound the rounding by the scale of the terms
+    close_to_scale(x * gx, expected, rtol=1e-5)
     if eps == 0:  # conservation up to the bias' share
-        torch.testing.assert_close((x * gx).sum(-1), (R * (zd - lin.bias.detach()) / zd).sum(-1))
+        terms = (x * gx).detach()
+        torch.testing.assert_close(terms.sum(-1), (R * (zd - lin.bias.detach()) / zd).sum(-1), rtol=0,
+                                   atol=1e-5 * float(terms.abs().sum(-1).max()))
 
 
 # ---------------------------------------------------------------------------- whole model
+
+
+def _conserves(res) -> None:
+    """total relevance == score, up to float32 rounding of the signed sum over tokens and channels: bounded
+    relative to the magnitude of the summed relevances (a real leak, e.g. a bias' share, is ~10 % of it)."""
+    scale = float(res.extras["relevance"].abs().sum(-1).max())
+    torch.testing.assert_close(res.extras["total"], res.extras["score"], rtol=1e-4, atol=1e-4 * scale)
 
 
 def _zero_biases(m: nn.Module) -> None:
@@ -90,7 +102,7 @@ def test_cp_lrp_conserves_total_relevance(name, images):
     a = vitlens.wrap_model(m)
     target = "a photo of a dog" if name == "open_clip" else [1, 7]
     res = get_method("attnlrp")(a, images, target, conservative=True)
-    torch.testing.assert_close(res.extras["total"], res.extras["score"], atol=1e-5, rtol=1e-4)
+    _conserves(res)
     assert res.extras["score"].abs().min() > 1e-3
 
 
@@ -121,7 +133,7 @@ def test_explain_batches_and_default_target(images):
     a = vitlens.wrap_model(tiny_timm("vit"))
     whole = get_method("attnlrp")(a, images)
     split = get_method("attnlrp")(a, images, batch_size=1)
-    torch.testing.assert_close(whole.token_maps, split.token_maps)
+    close_to_scale(split.token_maps, whole.token_maps, rtol=1e-4)  # batch of 2 vs 1: other GEMM shapes
     assert whole.target.index.tolist() == a.forward(images).argmax(-1).tolist()
     exp = vitlens.explain(a, images, method="attnlrp", target=4)
     assert exp.maps.shape == (2, IMG, IMG)
@@ -276,7 +288,7 @@ def test_clip_class_vocabulary_targets_conserve(images):
     a = vitlens.wrap_model(m)
     a.set_classes(["dog", "cat", "bird"])
     res = get_method("attnlrp")(a, images, [2, 0], conservative=True)
-    torch.testing.assert_close(res.extras["total"], res.extras["score"], atol=1e-5, rtol=1e-4)
+    _conserves(res)
     with torch.no_grad():
         cos = F.normalize(a.forward(images).float(), dim=-1) @ a.encode_text(["a photo of a bird.", "a photo of a dog."]).T
     torch.testing.assert_close(res.extras["score"], cos.diagonal())

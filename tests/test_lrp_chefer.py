@@ -14,7 +14,7 @@ from vitlens.errors import InputError, UnsupportedModelError
 from vitlens.methods import get_method
 from vitlens.methods._lrp import add_rule, chefer_propagate, matmul_rule, zplus_linear
 
-from conftest import TINY_FACTORIES, tiny_timm, tiny_torchvision
+from conftest import TINY_FACTORIES, close_to_scale, tiny_timm, tiny_torchvision
 from test_lrp_attnlrp import _ln_fwd, _model_params
 
 # ---------------------------------------------------------------------------- rule conservation
@@ -53,6 +53,7 @@ def test_total_relevance_is_conserved_through_the_blocks(name, images):
         with torch.no_grad():
             a.module.heads.head.weight.normal_(0, 0.5)
     res = chefer_propagate(a, images, 2)
+    # relevance starts at 1 and is redistributed by ratios (float32): rounding ~1e-6 per step, 1e-4 bound
     torch.testing.assert_close(res.rel_tokens.sum((1, 2)), torch.ones(2), atol=1e-4, rtol=1e-4)
     for l in range(a.num_blocks):  # half of each block's attention-branch relevance reaches the map
         torch.testing.assert_close(res.rel_attn[l].sum((1, 2, 3)), res.rel_heads[l].sum((1, 2, 3)) / 2,
@@ -195,7 +196,7 @@ def test_chefer1_batching_and_explain(images):
     a = vitlens.wrap_model(tiny_timm("vit"))
     whole = get_method("chefer1")(a, images)
     split = get_method("chefer1")(a, images, batch_size=1)
-    torch.testing.assert_close(whole.token_maps, split.token_maps)
+    close_to_scale(split.token_maps, whole.token_maps, rtol=1e-4)  # batch of 2 vs 1: other GEMM shapes
     assert whole.target.index.tolist() == a.forward(images).argmax(-1).tolist()
     exp = vitlens.explain(a, images, method="partial_lrp", target=[1, 2])
     assert exp.maps.shape[0] == 2 and torch.isfinite(exp.maps).all()

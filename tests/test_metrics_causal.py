@@ -99,12 +99,13 @@ def test_matches_step_loop(family, mode, kind, protocol):
     start = protocol != "tis_code"
     for b in range(2):
         ref = _slow_curve(a, x[b], maps[b], targets[b], mode, sub, n, start)
-        torch.testing.assert_close(res.curves[b], ref, atol=2e-6, rtol=1e-5)
+        # probabilities (<= 1) from batched vs single float32 forwards: rounding ~1e-7, bound 1e-5
+        torch.testing.assert_close(res.curves[b], ref, atol=1e-5, rtol=1e-5)
         xs = np.arange(0 if start else 1, n + 1) / n
-        assert abs(float(res.values[b]) - _trapz(ref.numpy(), xs)) < 1e-5
+        assert abs(float(res.values[b]) - _trapz(ref.numpy(), xs)) < 2e-5  # a mean of the curve: same bound
     if start:  # RISE's normalised AUC formula
         ref_auc = (res.curves.sum(1) - res.curves[:, 0] / 2 - res.curves[:, -1] / 2) / n
-        torch.testing.assert_close(res.values, ref_auc, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(res.values, ref_auc, atol=1e-6, rtol=1e-5)  # same curve values, sums of 9
 
 
 def test_rise_code_protocol_substrates(tiny_vit, images):
@@ -124,11 +125,12 @@ def test_end_points_and_batching(tiny_vit, images):
     clean = p.gather(1, t[:, None])[:, 0]
     d = deletion(tiny_vit, images, maps, None, n_steps=8, substrate="black")
     i = insertion(tiny_vit, images, maps, None, n_steps=8, substrate="black", batch_size=1)
-    torch.testing.assert_close(d.curves[:, 0], clean, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(i.curves[:, -1], clean, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(d.curves[:, -1], i.curves[:, 0])  # both the all-black image
+    # probabilities (<= 1) from forwards of other batch shapes: float32 rounding ~1e-7, bound 1e-5
+    torch.testing.assert_close(d.curves[:, 0], clean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(i.curves[:, -1], clean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(d.curves[:, -1], i.curves[:, 0], atol=1e-5, rtol=1e-5)  # both the all-black image
     d1 = deletion(tiny_vit, images, maps, None, n_steps=8, substrate="black", batch_size=3)
-    torch.testing.assert_close(d.curves, d1.curves, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(d.curves, d1.curves, atol=1e-5, rtol=1e-5)
 
 
 def test_constant_and_zero_maps_use_raster_order(tiny_vit, images):
@@ -137,7 +139,7 @@ def test_constant_and_zero_maps_use_raster_order(tiny_vit, images):
     ref = deletion(tiny_vit, images, raster, [1, 2], n_steps=8)
     for m in (torch.zeros(2, IMG, IMG), torch.full((2, IMG, IMG), 0.3)):
         got = deletion(tiny_vit, images, m, [1, 2], n_steps=8)
-        torch.testing.assert_close(got.curves, ref.curves)
+        torch.testing.assert_close(got.curves, ref.curves, rtol=0, atol=0)  # same images, same batches: bit-identical
 
 
 def test_random_substrate_is_seeded_pixel_noise(tiny_vit, images):
@@ -145,7 +147,7 @@ def test_random_substrate_is_seeded_pixel_noise(tiny_vit, images):
     a = insertion(tiny_vit, images, maps, 0, n_steps=4, substrate="random", seed=1)
     b = insertion(tiny_vit, images, maps, 0, n_steps=4, substrate="random", seed=1)
     c = insertion(tiny_vit, images, maps, 0, n_steps=4, substrate="random", seed=2)
-    torch.testing.assert_close(a.curves, b.curves)
+    torch.testing.assert_close(a.curves, b.curves, rtol=0, atol=0)  # same seed, same computation
     assert not torch.allclose(a.curves[:, 0], c.curves[:, 0])
 
 
@@ -191,11 +193,11 @@ def test_perturbation_matches_loop(family, order):
     for b in range(2):
         ref = _slow_perturbation(a, x[b], maps[b], int(pred[b]), order == "negative")
         assert ref[0] == 1.0
-        torch.testing.assert_close(res.curves[b], ref)
-        assert abs(float(res.values[b]) - _trapz(ref.numpy(), xs)) < 1e-6
+        torch.testing.assert_close(res.curves[b], ref, atol=1e-5, rtol=1e-5)  # ratios of probabilities, batched vs single
+        assert abs(float(res.values[b]) - _trapz(ref.numpy(), xs)) < 2e-5
     info = get_metric(f"perturbation_{order}")
     assert info.higher_is_better == (order == "negative")
-    torch.testing.assert_close(info.fn(a, x, maps, None).values, res.values)
+    torch.testing.assert_close(info.fn(a, x, maps, None).values, res.values, atol=1e-5, rtol=1e-5)  # other batch size
 
 
 def test_registry_contract():

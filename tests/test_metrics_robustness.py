@@ -67,7 +67,9 @@ def test_max_sensitivity_equals_captum(family):
     torch.manual_seed(7)
     ref = captum_sens(fn, (x,), perturb_radius=0.02, n_perturb_samples=4)
     ours = max_sensitivity(a, x, maps, 0, explainer=fn, seed=7, n_samples=4, batch_size=3)
-    torch.testing.assert_close(ours.values, ref.float(), atol=1e-6, rtol=1e-5)
+    # max ||phi(x+e) - phi(x)|| / ||phi(x)|| with |e| <= 0.02: the difference of two nearly equal maps amplifies
+    # their float32 rounding (~1e-6 relative, other batch shapes than Captum's) by ~1/(relative change ~1e-2)
+    torch.testing.assert_close(ours.values, ref.float(), atol=1e-6, rtol=1e-3)
     other = max_sensitivity(a, x, maps, 0, explainer=fn, seed=8, n_samples=4)
     assert not torch.allclose(other.values, ours.values)
 

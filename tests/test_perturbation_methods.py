@@ -15,7 +15,7 @@ import vitlens
 from vitlens.errors import InputError, TargetError
 from vitlens.methods.rise import rise_grids, rise_masks, rise_masks_from_grids
 
-from conftest import IMG, tiny_hf, tiny_open_clip, tiny_timm, tiny_torchvision
+from conftest import IMG, close_to_scale, tiny_hf, tiny_open_clip, tiny_timm, tiny_torchvision
 
 PROMPT = "a photo of a dog"
 
@@ -102,7 +102,7 @@ def test_rise_matches_equation_with_fixed_masks(family):
                 ref[b] += float(f((x[b] * masks[i])[None])[0]) * masks[i]
     ref /= 7 * p
     e = vitlens.explain(a, x, "rise", target=target, masks=masks, p=p, batch_size=3, normalise=False)
-    torch.testing.assert_close(e.maps, ref, atol=1e-5, rtol=1e-4)
+    close_to_scale(e.maps, ref, rtol=1e-4)  # batched vs single float32 forwards, sums of 7 terms
 
 
 def test_rise_masks_match_paper_construction():
@@ -135,8 +135,9 @@ def test_rise_random_masks_equal_fixed_path_and_batch_invariant():
     r1 = vitlens.explain(a, x, "rise", batch_size=7, **kw).maps
     r2 = vitlens.explain(a, x, "rise", batch_size=40, **kw).maps
     fixed = vitlens.explain(a, x, "rise", masks=rise_masks(20, 4, 0.5, (IMG, IMG), seed=4), **kw).maps
-    torch.testing.assert_close(r1, r2, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(r1, fixed, atol=1e-6, rtol=1e-5)
+    # forward batches of 7 vs 40 masks: other GEMM shapes, not bit-identical
+    close_to_scale(r1, r2, rtol=1e-5)
+    close_to_scale(r1, fixed, rtol=1e-5)
     r3 = vitlens.explain(a, x, "rise", **{**kw, "seed": 5}).maps
     assert not torch.allclose(r1, r3)
 
@@ -171,7 +172,7 @@ def test_occlusion_matches_equation(family, window, stride):
     ref = torch.where(cnt > 0, acc / cnt.clamp_min(1), torch.zeros_like(acc))
     e = vitlens.explain(a, x, "occlusion", target=target, window=window, stride=stride, baseline="black",
                         batch_size=5, normalise=False)
-    torch.testing.assert_close(e.maps, ref, atol=1e-5, rtol=1e-4)
+    close_to_scale(e.maps, ref, rtol=1e-4)  # differences of probabilities, batched vs single forwards
 
 
 def test_occlusion_errors():
@@ -217,8 +218,11 @@ def test_scorecam_matches_equation(family, weights):
     alpha = scores - base if weights == "cic" else scores.softmax(0)
     ref = torch.relu((alpha[:, None] * acts.T.float()).sum(0)).reshape(gh, gw)
     e = vitlens.explain(a, x, "scorecam", target=target, weights=weights, batch_size=9, normalise=False)
-    torch.testing.assert_close(e.token_maps[0], ref, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(e.extras["channel_weights"][0], alpha, atol=1e-6, rtol=1e-4)
+    # sum_k alpha_k A_k cancels (softmax weights are all ~1/D): bound the rounding by the terms' magnitude
+    terms = float((alpha[:, None].abs() * acts.T.float().abs()).sum(0).max())
+    torch.testing.assert_close(e.token_maps[0], ref, rtol=1e-4, atol=1e-5 * terms)
+    # weights are probabilities (or their differences), batched vs single forwards: rounding ~1e-7 absolute
+    torch.testing.assert_close(e.extras["channel_weights"][0], alpha, atol=5e-6, rtol=1e-4)
 
 
 def test_scorecam_errors():
@@ -260,7 +264,7 @@ def test_integrated_gradients_matches_equation(family, ig_method, reduce):
     attr = (x - black) * total
     e = vitlens.explain(a, x, "integrated_gradients", target=target, n_steps=n, ig_method=ig_method,
                         reduce=reduce, batch_size=6, normalise=False)
-    torch.testing.assert_close(e.maps, _reduce(attr, reduce), atol=1e-5, rtol=1e-4)
+    close_to_scale(e.maps, _reduce(attr, reduce), rtol=1e-4)  # batched vs single backward passes
 
 
 def test_integrated_gradients_completeness_from_black():
@@ -296,7 +300,7 @@ def test_smoothgrad_matches_equation(family, average):
     ref /= 5
     e = vitlens.explain(a, x, "smoothgrad", target=target, noise=noise, noise_level=level, average=average,
                         batch_size=3, normalise=False)
-    torch.testing.assert_close(e.maps, ref.abs().sum(1), atol=1e-5, rtol=1e-4)
+    close_to_scale(e.maps, ref.abs().sum(1), rtol=1e-4)  # batched vs single backward passes
 
 
 def test_smoothgrad_seeded():
@@ -304,7 +308,7 @@ def test_smoothgrad_seeded():
     x = _images()
     r = [vitlens.explain(a, x, "smoothgrad", target=target, n_samples=4, seed=s, normalise=False).maps
          for s in (0, 0, 1)]
-    torch.testing.assert_close(r[0], r[1])
+    torch.testing.assert_close(r[0], r[1], rtol=0, atol=0)  # same seed, same computation: bit-identical
     assert not torch.allclose(r[0], r[2])
 
 
@@ -338,6 +342,6 @@ def test_per_image_targets_are_routed(method, params):
     both = vitlens.explain(a, x, method, target=[3, 7], normalise=False, batch_size=4, **params).maps
     one = vitlens.explain(a, x[:1], method, target=3, normalise=False, **params).maps
     two = vitlens.explain(a, x[1:], method, target=7, normalise=False, **params).maps
-    torch.testing.assert_close(both, torch.cat([one, two]), atol=1e-5, rtol=1e-4)
+    close_to_scale(both, torch.cat([one, two]), rtol=1e-4)  # batch of 2 images vs 1: other GEMM shapes
     swapped = vitlens.explain(a, x, method, target=[7, 3], normalise=False, batch_size=4, **params).maps
-    assert not torch.allclose(both, swapped, atol=1e-5, rtol=1e-4)
+    assert (both - swapped).abs().max() > 1e-2 * both.abs().max()  # far beyond the tolerance above

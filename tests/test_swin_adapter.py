@@ -9,7 +9,7 @@ import vitlens
 from vitlens.errors import InputError, UnsupportedModelError
 from vitlens.models.timm_swin import TimmSwinAdapter
 
-from conftest import IMG
+from conftest import IMG, close_to_scale
 
 
 def tiny_swin():
@@ -44,13 +44,14 @@ def test_wrap_and_metadata(swin):
 
 
 def test_forward_and_head_match_module(swin, x):
-    m, a = swin
+    m, a = swin  # a.forward runs the module itself: bit-identical
     with torch.no_grad():
         ref = m(x)
-        torch.testing.assert_close(a.forward(x), ref)
+        torch.testing.assert_close(a.forward(x), ref, rtol=0, atol=0)
         last = m.layers(m.patch_embed(x))  # (B, 2, 2, 192)
-        torch.testing.assert_close(a.head(last), ref, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(a.head(last.reshape(2, 4, 192)), ref, atol=1e-6, rtol=1e-5)
+        # our norm + pool + head vs the library's: same maths, float32 order may differ
+        close_to_scale(a.head(last), ref, rtol=1e-5)
+        close_to_scale(a.head(last.reshape(2, 4, 192)), ref, rtol=1e-5)
         torch.testing.assert_close(a.embed(x), m.patch_embed(x).reshape(2, 256, 24))
 
 
@@ -72,8 +73,8 @@ def test_feature_maps_equal_library_hooks(swin, x, site, attr, layer, where):
     h.remove()
     with torch.no_grad():
         out, feats = a.feature_maps(x, layer, site)
-    torch.testing.assert_close(out, ref_out)
-    torch.testing.assert_close(feats, got[0].permute(0, 3, 1, 2))
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(feats, got[0].permute(0, 3, 1, 2), rtol=0, atol=0)
     g = IMG // 4 // 2 ** where[0]
     assert feats.shape == (2, a.stage_dims[where[0]], g, g)
 
@@ -84,7 +85,7 @@ def test_forward_hooks_can_read_and_replace(swin, x):
     with torch.no_grad():
         ref = m(x)
         out = a.forward(x, hooks={"output": lambda l, t: seen.append((l, tuple(t.shape)))})
-        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
         assert [s[0] for s in seen] == [0, 1, 2, 3, 4]
         assert seen[0][1] == (2, 256, 24) and seen[4][1] == (2, 4, 192)
         zeroed = a.forward(x, hooks={"attn_branch": lambda l, t: torch.zeros_like(t) if l == 4 else None})
@@ -92,11 +93,11 @@ def test_forward_hooks_can_read_and_replace(swin, x):
         h = blk.drop_path1.register_forward_hook(lambda mod, args, o: torch.zeros_like(o))
         ref_zero = m(x)
         h.remove()
-    torch.testing.assert_close(zeroed, ref_zero)
+    torch.testing.assert_close(zeroed, ref_zero, rtol=0, atol=0)
     assert not torch.allclose(zeroed, ref)
     # hooks are removed afterwards
     with torch.no_grad():
-        torch.testing.assert_close(a.forward(x), ref)
+        torch.testing.assert_close(a.forward(x), ref, rtol=0, atol=0)
 
 
 def test_targets_and_scores(swin, x):

@@ -12,7 +12,7 @@ import vitlens
 from vitlens.kmeans import kmeans
 from vitlens.methods.tis import coverage_weighted_sum
 
-from conftest import tiny_open_clip, tiny_timm, tiny_torchvision
+from conftest import close_to_scale, tiny_open_clip, tiny_timm, tiny_torchvision
 
 
 # ----------------------------------------------------------------------------- slow reference
@@ -97,16 +97,19 @@ def test_tis_matches_slow_equations(family, images):
         parts = _timm_parts(m)
     else:
         m = tiny_torchvision()
+        with torch.no_grad():  # torchvision zero-initialises its head: constant scores would test nothing
+            m.heads.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
         parts = _torchvision_parts(m)
     x = images[:1]
     target = 3
     exp = vitlens.explain(m, x, "tis", target=target, n_masks=12, ratio=0.5, seed=5, normalise=False)
     ref = slow_tis(parts, x, lambda o: o.softmax(-1)[0, target], 12, 0.5, seed=5)
-    torch.testing.assert_close(exp.token_maps[0].reshape(-1), ref, atol=1e-5, rtol=1e-4)
+    # batched subset forwards vs one mask at a time: same maths, other float32 order
+    close_to_scale(exp.token_maps[0].reshape(-1), ref, rtol=1e-4)
     # logit scores (option) change the weights w_j
     exp_l = vitlens.explain(m, x, "tis", target=target, n_masks=12, seed=5, normalise=False, score="logit")
     ref_l = slow_tis(parts, x, lambda o: o[0, target], 12, 0.5, seed=5)
-    torch.testing.assert_close(exp_l.token_maps[0].reshape(-1), ref_l, atol=1e-5, rtol=1e-4)
+    close_to_scale(exp_l.token_maps[0].reshape(-1), ref_l, rtol=1e-4)
 
 
 def test_tis_text_prompt_on_clip(images):
@@ -119,23 +122,24 @@ def test_tis_text_prompt_on_clip(images):
         txt = F.normalize(m.encode_text(open_clip.tokenize([prompt])), dim=-1)[0]
     exp = vitlens.explain(m, images[:1], "tis", target=prompt, n_masks=10, seed=1, normalise=False)
     ref = slow_tis(_clip_parts(m), images[:1], lambda o: (F.normalize(o, dim=-1)[0] * txt).sum(), 10, 0.5, seed=1)
-    torch.testing.assert_close(exp.token_maps[0].reshape(-1), ref, atol=1e-5, rtol=1e-4)
+    close_to_scale(exp.token_maps[0].reshape(-1), ref, rtol=1e-4)
     assert exp.labels == [prompt] and exp.targets.tolist() == [-1]
 
 
 def test_tis_batch_equals_single_images(images):
     m = tiny_timm("vit")
-    both = vitlens.explain(m, images, "tis", target=[1, 2], n_masks=16, seed=0)
+    # raw maps: min-max normalisation would divide the rounding by each map's range
+    both = vitlens.explain(m, images, "tis", target=[1, 2], n_masks=16, seed=0, normalise=False)
     for i, t in enumerate([1, 2]):
-        one = vitlens.explain(m, images[i:i + 1], "tis", target=t, n_masks=16, seed=0)
-        torch.testing.assert_close(both.maps[i], one.maps[0], atol=1e-5, rtol=1e-4)
+        one = vitlens.explain(m, images[i:i + 1], "tis", target=t, n_masks=16, seed=0, normalise=False)
+        close_to_scale(both.token_maps[i], one.token_maps[0], rtol=1e-4)  # batch of 2 vs 1: other GEMM shapes
 
 
 def test_tis_batch_size_does_not_change_result(images):
     m = tiny_timm("vit")
-    a = vitlens.explain(m, images, "tis", n_masks=16, seed=0, batch_size=3)
-    b = vitlens.explain(m, images, "tis", n_masks=16, seed=0, batch_size=64)
-    torch.testing.assert_close(a.maps, b.maps)
+    a = vitlens.explain(m, images, "tis", n_masks=16, seed=0, batch_size=3, normalise=False)
+    b = vitlens.explain(m, images, "tis", n_masks=16, seed=0, batch_size=64, normalise=False)
+    close_to_scale(a.token_maps, b.token_maps, rtol=1e-4)  # forward batches of 3 vs 32 masks: other GEMM shapes
 
 
 def test_tis_seeded_and_seed_sensitive(images):
@@ -158,7 +162,7 @@ def test_tis_global_pool_model_without_prefix(images):
     m = tiny_timm("vit", class_token=False, global_pool="avg")
     exp = vitlens.explain(m, images[:1], "tis", target=0, n_masks=8, seed=0, normalise=False)
     ref = slow_tis(_timm_parts(m), images[:1], lambda o: o.softmax(-1)[0, 0], 8, 0.5, seed=0)
-    torch.testing.assert_close(exp.token_maps[0].reshape(-1), ref, atol=1e-5, rtol=1e-4)
+    close_to_scale(exp.token_maps[0].reshape(-1), ref, rtol=1e-4)
 
 
 def test_coverage_weighted_sum_uncovered_tokens_are_zero():
@@ -211,12 +215,16 @@ def test_kmeans_batched_equals_separate():
     c_b, l_b = kmeans(pts, 5, centroids=init)
     for b in range(3):
         c, l = kmeans(pts[b], 5, centroids=init[b])
-        torch.testing.assert_close(c_b[b], c)
+        # distances come from a bmm of another batch shape: labels are equal unless a point is within rounding
+        # of two centroids, so check this data keeps a clear margin between nearest and second-nearest centroid
+        d = torch.cdist(pts[b].double(), c.double()).sort(-1).values
+        assert float((d[:, 1] - d[:, 0]).min()) > 1e-4
         assert torch.equal(l_b[b], l)
+        torch.testing.assert_close(c_b[b], c, rtol=1e-5, atol=1e-5)  # means of the same points (scale ~1)
 
 
 def test_kmeans_plusplus_and_errors():
-    pts = torch.randn(30, 4)
+    pts = torch.randn(30, 4, generator=torch.Generator().manual_seed(4))
     c, l = kmeans(pts, 3, init="k-means++", seed=3)
     c2, l2 = kmeans(pts, 3, init="k-means++", seed=3)
     assert torch.equal(c, c2)

@@ -13,7 +13,7 @@ from vitlens.errors import InputError, TargetError
 from vitlens.methods.vitcx import (agglomerative_labels, mask_cosine_distances, normalised_grid_masks,
                                    upsample_maps)
 
-from conftest import IMG, tiny_open_clip, tiny_timm, tiny_torchvision
+from conftest import IMG, close_to_scale, tiny_open_clip, tiny_timm, tiny_torchvision
 from test_swin_adapter import tiny_swin
 
 PROMPT = "a photo of a cat"
@@ -104,7 +104,7 @@ def _same_partition(a, b) -> bool:
 
 def reference_vitcx(name, module, x, targets, *, site="attn_branch", delta=0.1, sigma=0.1, seed=0,
                     clustering=True, plain=False, pcb=True):
-    """Paper equations, one image and one mask at a time."""
+    """Paper equations, one image and one mask at a time; un-normalised saliency (B, H, W)."""
     H, W = x.shape[-2:]
     maps, all_labels = [], []
     for b in range(x.shape[0]):
@@ -135,8 +135,7 @@ def reference_vitcx(name, module, x, targets, *, site="attn_branch", delta=0.1, 
             sal = torch.where(cov > 0, num / cov.clamp_min(1e-300), torch.zeros_like(num))
         else:
             sal = num
-        sal = (sal - sal.min()) / (sal.max() - sal.min())
-        maps.append(sal)
+        maps.append(sal)  # raw: compared with normalise=False (min-max would amplify rounding where the range is small)
     return torch.stack(maps).float(), all_labels
 
 
@@ -173,12 +172,13 @@ def test_matches_reference(name, site, n_images, delta):
     targets = [3, 7][:n_images]
     ref, ref_labels = reference_vitcx(name, module, x, targets, site=site, delta=0.1 if delta is None else delta)
     exp = vitlens.explain(a, x, method="vitcx", target=targets, feature=site, return_masks=True, batch_size=16,
-                          delta=delta)
+                          delta=delta, normalise=False)
     for got, want in zip(exp.extras["cluster_labels"], ref_labels):
         assert _same_partition(got, want)
     D = {"swin": 96, "torchvision": 32}.get(name, 48)
     assert 1 < exp.extras["n_masks"][0] < D  # clustering merged some masks, kept several
-    torch.testing.assert_close(exp.maps, ref, atol=1e-4, rtol=0)
+    # batched float32 forwards vs one at a time: the causal scores agree to ~1e-7; saliency is a mean of them
+    close_to_scale(exp.maps, ref, rtol=1e-4)
 
 
 def test_default_delta():
@@ -192,9 +192,9 @@ def test_text_prompt_matches_reference():
     module = tiny_open_clip()
     x = _images(1)
     ref, _ = reference_vitcx("open_clip", module, x, [PROMPT], delta=0.2)
-    exp = vitlens.explain(module, x, method="vitcx", target=PROMPT, delta=0.2)
+    exp = vitlens.explain(module, x, method="vitcx", target=PROMPT, delta=0.2, normalise=False)
     assert exp.extras["score"] == "similarity" and exp.labels == [PROMPT]
-    torch.testing.assert_close(exp.maps, ref, atol=1e-4, rtol=0)
+    close_to_scale(exp.maps, ref, rtol=1e-4)  # cosine similarities (|.| <= 1) from float32 forwards
 
 
 @pytest.mark.parametrize("switches,ref_kw", [
@@ -206,8 +206,8 @@ def test_ablations_match_reference(switches, ref_kw):
     module = _torchvision_random_head()
     x = _images(1)
     ref, _ = reference_vitcx("torchvision", module, x, [2], delta=0.3, **ref_kw)
-    exp = vitlens.explain(module, x, method="vitcx", target=2, delta=0.3, **switches)
-    torch.testing.assert_close(exp.maps, ref, atol=1e-4, rtol=0)
+    exp = vitlens.explain(module, x, method="vitcx", target=2, delta=0.3, normalise=False, **switches)
+    close_to_scale(exp.maps, ref, rtol=1e-4)  # see test_matches_reference
 
 
 def test_random_masks_ablation():
@@ -259,16 +259,37 @@ def test_clusters_equal_sklearn_at_pixel_resolution(delta):
 
 
 # ---------------------------------------------------------------------- behaviour and errors
+def _linkage_margin(a, x, delta):
+    """Smallest |merge height - delta| of the complete-linkage trees of the images' feature masks."""
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import squareform
+
+    with torch.no_grad():
+        _, feats = a.feature_maps(x, None, "attn_branch")
+    size = tuple(x.shape[-2:])
+    heights = [linkage(squareform(mask_cosine_distances(normalised_grid_masks(f, size), size).numpy(), checks=False),
+                       method="complete")[:, 2] for f in feats]
+    return float(np.abs(np.concatenate(heights) - delta).min())
+
+
 def test_seeded_and_batch_independent():
     a = vitlens.wrap_model(tiny_timm("vit"))
     x = _images(3)
-    e1 = vitlens.explain(a, x, method="vitcx", target=[1, 2, 3], batch_size=5)
-    e2 = vitlens.explain(a, x, method="vitcx", target=[1, 2, 3], batch_size=64)
-    one = vitlens.explain(a, x[2:], method="vitcx", target=3)
-    other = vitlens.explain(a, x, method="vitcx", target=[1, 2, 3], seed=1)
-    torch.testing.assert_close(e1.maps, e2.maps, atol=1e-5, rtol=0)
-    torch.testing.assert_close(e1.maps[2:], one.maps, atol=1e-5, rtol=0)
-    assert not torch.allclose(e1.maps, other.maps, atol=1e-3)
+    kw = dict(method="vitcx", normalise=False, return_masks=True)
+    e1 = vitlens.explain(a, x, target=[1, 2, 3], batch_size=5, **kw)
+    e2 = vitlens.explain(a, x, target=[1, 2, 3], batch_size=64, **kw)
+    one = vitlens.explain(a, x[2:], target=3, **kw)
+    other = vitlens.explain(a, x, target=[1, 2, 3], seed=1, **kw)
+    # Batch shapes change float32 summation order (~1e-6 relative on the features), so equal clusters are
+    # guaranteed only when no merge height is that close to the threshold: check this data has a clear margin.
+    assert _linkage_margin(a, x, 0.1) > 1e-4
+    for got, want in zip(e1.extras["cluster_labels"][2:], one.extras["cluster_labels"]):
+        assert _same_partition(got, want)
+    # raw (un-normalised) saliency: min-max would divide rounding by the map's range
+    close_to_scale(e1.maps, e2.maps, rtol=1e-4)
+    close_to_scale(e1.maps[2:], one.maps, rtol=1e-4)
+    diff = (e1.maps - other.maps).abs().amax()  # another noise seed changes the map by far more than rounding
+    assert diff > 1e-2 * e1.maps.abs().amax()
 
 
 def test_no_backward_no_parameter_change():
@@ -302,5 +323,5 @@ def test_layer_choice_changes_features():
     first = vitlens.explain(m, x, method="vitcx", target=0, layer=0, return_masks=True)
     last = vitlens.explain(m, x, method="vitcx", target=0, layer=-1, return_masks=True)
     default = vitlens.explain(m, x, method="vitcx", target=0, return_masks=True)
-    torch.testing.assert_close(default.maps, last.maps)
+    torch.testing.assert_close(default.maps, last.maps, rtol=0, atol=0)  # the same computation: bit-identical
     assert first.extras["n_masks"] != last.extras["n_masks"] or not torch.allclose(first.maps, last.maps)

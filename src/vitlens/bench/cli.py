@@ -18,7 +18,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="weights file or folder, or 'random' (default: VITLENS_WEIGHTS, then the hub)")
     p.add_argument("--model-arg", action="append", default=[], metavar="K=V",
                    help="constructor argument for the model, e.g. depth=2 (repeatable)")
-    p.add_argument("--data", help="ImageNet validation folder (LOC_val_solution.csv + images/) or a folder of images")
+    p.add_argument("--data", help="ImageNet validation folder (LOC_val_solution.csv + images/), ImageNet-Segmentation "
+                   "(gtsegs_ijcv.mat), OpenImages V7 points folder, or a folder of images")
+    p.add_argument("--dataset", choices=["imagenet", "imagenet-seg", "openimages", "folder"],
+                   help="dataset kind of --data (default: detected; see vitlens.bench.datasets)")
     p.add_argument("--methods", help="comma-separated method names (see `vitlens methods`)")
     p.add_argument("--method-param", action="append", default=[], metavar="METHOD.K=V",
                    help="method parameter, e.g. tis.n_masks=32 (repeatable)")
@@ -56,7 +59,7 @@ def bench_main(args: argparse.Namespace) -> int:
     from .runner import run_bench
 
     try:
-        cli = dict(model=args.model, weights=args.weights, data=args.data, methods=args.methods,
+        cli = dict(model=args.model, weights=args.weights, data=args.data, dataset=args.dataset, methods=args.methods,
                    metrics=args.metrics, limit=args.limit, max_box_fraction=args.max_box_fraction,
                    target=args.target, batch_size=args.batch_size, forward_batch_size=args.forward_batch_size,
                    precision=args.precision, compile=args.compile,

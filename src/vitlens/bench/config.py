@@ -47,8 +47,9 @@ class BenchConfig:
     weights: Optional[str] = None
     model_args: dict = field(default_factory=dict)
     data: Optional[str] = None
+    dataset: Optional[str] = None                        # imagenet | imagenet-seg | openimages | folder (None: detect)
     methods: list = field(default_factory=list)          # list[MethodSpec] after normalise()
-    metrics: list = field(default_factory=list)          # list[str]
+    metrics: list = field(default_factory=list)          # list[str], or {dataset kind: list[str]}
     metric_params: dict = field(default_factory=dict)    # metric -> protocol overrides
     limit: Optional[int] = None
     max_box_fraction: Optional[float] = None             # keep images whose boxes cover <= this fraction
@@ -75,6 +76,13 @@ class BenchConfig:
             raise InputError("no methods given (use --methods tis,... or a preset).")
         if not self.metrics:
             raise InputError("no metrics given (use --metrics insertion,deletion,pointing_game or a preset).")
+        if isinstance(self.metrics, dict):  # per dataset kind (the LeGrad presets): see bench.datasets
+            from .datasets import KINDS
+
+            bad = set(self.metrics) - set(KINDS)
+            if bad:
+                raise InputError(f"metrics per dataset: unknown dataset kind(s) {', '.join(sorted(bad))}; "
+                                 f"known: {', '.join(KINDS)}.")
         if self.target not in ("label", "predicted"):
             raise InputError(f"target must be 'label' or 'predicted', got '{self.target}'.")
         from ..precision import check_precision

@@ -12,7 +12,7 @@ from ..errors import InputError
 from .store import key_of
 
 #: keyword arguments that carry per-image data, not protocol (never part of the protocol key)
-DATA_KWARGS = ("boxes", "coverage")
+DATA_KWARGS = ("boxes", "coverage", "labels", "masks", "points", "point_labels")  # see bench.datasets
 RUNTIME_KWARGS = ("batch_size", "progress")
 #: keyword arguments naming the explainer (metrics that re-run it, e.g. max-sensitivity): set per method entry
 METHOD_KWARGS = ("explainer", "method", "method_params")
@@ -40,7 +40,7 @@ class BoundMetric:
             if k in self.needs or (k in self.accepts and k in data):
                 if k not in data:
                     raise InputError(f"metric '{self.name}' needs '{k}', which this dataset does not provide "
-                                     "(give an ImageNet folder with LOC_val_solution.csv).")
+                                     "(see vitlens.bench.datasets for which dataset gives what).")
                 kwargs[k] = data[k]
         if "batch_size" in self.accepts:
             kwargs["batch_size"] = batch_size
@@ -53,6 +53,11 @@ class BoundMetric:
         out = dict(values=_np(values).reshape(-1))
         out["curves"] = None if curves is None else _np(curves)
         out["xs"] = None if xs is None else _np(xs).reshape(-1)
+        counts = (getattr(res, "extras", None) or {}).get("counts")
+        if curves is None and counts is not None:
+            # per-image counts of dataset-level metrics (segmentation mIoU, open-vocabulary p-mIoU) go into
+            # the row's curve column with no xs (integers, exact in float32); see datasets.dataset_scores
+            out["curves"], out["xs"] = _np(counts), None
         return out
 
 

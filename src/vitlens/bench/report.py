@@ -258,7 +258,8 @@ def curves_figure(con: sqlite3.Connection, t: Table) -> Optional[str]:
         for r in t.rows:
             curves, xs = [], None
             for blob, xblob in con.execute("SELECT curve, xs FROM results WHERE run_key=? AND protocol_key=? "
-                                           "AND curve IS NOT NULL", (t.row_keys[r], t.col_keys[c])):
+                                           "AND curve IS NOT NULL AND xs IS NOT NULL",  # no xs: counts, not curves
+                                           (t.row_keys[r], t.col_keys[c])):
                 curves.append(decode_f32(blob))
                 xs = decode_f32(xblob) if xblob is not None else xs
             if curves and len({len(v) for v in curves}) == 1:
@@ -317,7 +318,10 @@ def write_report(out, run_keys: Optional[Sequence[str]] = None, protocol_keys: O
         t = build_table(con, run_keys, protocol_keys)
         if not t.rows:
             raise InputError(f"{db} holds no result rows yet.")
-        md = table_markdown(t)
+        from .datasets import dataset_scores_markdown
+
+        pooled = dataset_scores_markdown(con, t)  # mIoU, pixel accuracy, p-mIoU: pooled over the dataset
+        md = table_markdown(t) + pooled
         version = con.execute("SELECT value FROM meta WHERE key='version'").fetchone()
         n_rows = con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
         (out / "results.md").write_text(f"# vitlens benchmark results\n\n{md}")
@@ -332,7 +336,7 @@ def write_report(out, run_keys: Optional[Sequence[str]] = None, protocol_keys: O
             "<h1>vitlens benchmark report</h1>",
             f"<p class='note'>{html.escape(', '.join(t.models))} · {n_rows} result rows · code "
             f"{html.escape(json.loads(version[0]) if version else '?')}</p>",
-            "<h2>Results</h2>", table_html(t),
+            "<h2>Results</h2>", table_html(t), *([f"<pre>{html.escape(pooled)}</pre>"] if pooled else []),
             "<p class='note'>Mean ± 95 % confidence interval (Student t) over images; best value in bold; "
             "↑ higher is better, ↓ lower is better. Hover a cell for its number of images.</p>",
         ]

@@ -9,7 +9,8 @@ Order of work, per batch of ``batch_size`` images (the shard unit, see :mod:`.di
    one transaction.
 
 Nothing is recomputed that is committed in the run's database or in the merged ``results.sqlite``.
-Targets: ``label`` explains and scores the ground-truth class; ``predicted`` the model's top-1 class.
+Targets: ``label`` explains the ground-truth class; ``predicted`` the model's top-1 class (per dataset, see
+:mod:`.datasets`: ImageNet-Segmentation has no labels, OpenImages explains each annotated class's prompt).
 The code version (``vitlens.__version__`` + git hash) is recorded in every row but is not part of any
 key, so resuming after upgrading the code continues the same run.
 """
@@ -20,7 +21,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,13 +31,13 @@ from ..errors import InputError
 from . import distributed
 from ..precision import resolve_precision, runtime as precision_runtime
 from .config import BenchConfig, MethodSpec
+from .datasets import BenchDataset as BenchData, Item, metrics_for, open_dataset
 from .metrics_bridge import BoundMetric, bind
 from .store import Store, key_of, merge_into
 
 MAIN_DB = "results.sqlite"
 _RUNTIME = ("seed", "batch_size", "progress", "precision", "compile")  # explain() arguments, not method parameters
 SHARD_DIR = "shards"
-_IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -70,47 +70,6 @@ def weights_id(model: str, weights: Optional[str]) -> str:
         return f"{f.name}:{f.stat().st_size}"
     except Exception:
         return str(spec)
-
-
-@dataclass
-class Item:
-    image_id: str
-    path: Path
-    label: int          # -1 when unknown
-    synset: str
-    index: int          # index in the ImageNetBoxes dataset (-1 for a plain folder)
-
-
-class BenchData:
-    """An ImageNet folder with boxes (``LOC_val_solution.csv``) or a plain folder of images."""
-
-    def __init__(self, root: str):
-        from ..data import ImageNetBoxes
-
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise InputError(f"data folder not found: {self.root}")
-        self.boxes: Optional[ImageNetBoxes] = None
-        if (self.root / "LOC_val_solution.csv").exists():
-            self.boxes = ImageNetBoxes(self.root)
-            self.items = [Item(s.image_id, s.path, s.label, s.synset, i) for i, s in enumerate(self.boxes.samples)]
-        else:
-            files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in _IMAGE_EXTS)
-            if not files:
-                raise InputError(f"no images ({', '.join(_IMAGE_EXTS)}) found in {self.root}")
-            self.items = [Item(str(p.relative_to(self.root).with_suffix("")), p, -1, "", -1) for p in files]
-
-    def coverage(self, items: list[Item], size, crop_pct) -> np.ndarray:
-        if self.boxes is None:
-            return np.full(len(items), np.nan)
-        return self.boxes.box_coverage([it.index for it in items], size, crop_pct).numpy()
-
-    def data_for(self, items: list[Item], size, crop_pct) -> dict:
-        if self.boxes is None:
-            return {}
-        idx = [it.index for it in items]
-        return dict(boxes=self.boxes.box_masks(idx, size, crop_pct),
-                    coverage=self.boxes.box_coverage(idx, size, crop_pct).float())
 
 
 def _device(spec: str, info: distributed.ShardInfo) -> torch.device:
@@ -189,15 +148,6 @@ def load_images(model, paths: list) -> torch.Tensor:
     return x
 
 
-def _targets(cfg: BenchConfig, model, items: list[Item], x: Optional[torch.Tensor]) -> list[int]:
-    if cfg.target == "label":
-        if any(it.label < 0 for it in items):
-            raise InputError("the data folder has no labels (no LOC_val_solution.csv): use --target predicted.")
-        return [it.label for it in items]
-    with torch.no_grad():
-        return model.class_logits(model.forward(x)).argmax(-1).tolist()
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     """Run (or resume) the benchmark described by ``cfg``; returns a summary dict."""
     import vitlens
@@ -235,21 +185,21 @@ def run_bench(cfg: BenchConfig) -> dict:
             if unknown:
                 raise InputError(f"unknown parameter(s) for method '{spec.method}': {', '.join(sorted(unknown))}; "
                                  f"it accepts: {', '.join(sorted(method_infos[spec.label].defaults))}.")
+        data = open_dataset(cfg.data, cfg.dataset)  # cheap (file lists, CSVs); decides the metrics of dict configs
         metrics: list[BoundMetric] = []
-        for name in cfg.metrics:
+        for name in metrics_for(cfg.metrics, data.kind):
             try:
                 metrics.append(bind(name, cfg.metric_params.get(name)))
             except InputError:
                 raise
             except Exception as e:
                 raise InputError(str(e)) from None
+        data.check_metrics(metrics)
 
         torch.manual_seed(cfg.seed)  # a random-weights model is the same in every process
         model = vitlens.load_model(cfg.model, weights=cfg.weights, device=device, **cfg.model_args)
         model.module.eval()
-        data = BenchData(cfg.data) if cfg.data else None
-        if data is None:
-            raise InputError("no data folder given (--data DIR).")
+        data.prepare_model(model)
         items, cov = select_items(cfg, data, model)
         B = int(cfg.batch_size)
         batches = [items[k:k + B] for k in range(0, len(items), B)]
@@ -331,7 +281,7 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
 
     def images() -> torch.Tensor:
         if "x" not in cache:
-            cache["x"] = load_images(model, [it.path for it in batch])
+            cache["x"] = data.load(model, batch)
         return cache["x"]
 
     def batch_data() -> dict:
@@ -345,12 +295,13 @@ def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], stor
         todo = [i for i, iid in enumerate(ids) if iid not in have]
         if todo:
             x = images()[todo]
-            tg = _targets(cfg, model, [batch[i] for i in todo], x)
+            tg, keep = data.targets(cfg.target, model, [batch[i] for i in todo], x)
             t0 = time.perf_counter()
             exp = vitlens.explain(model, x, method=spec.method, target=tg, seed=cfg.seed,
                                   batch_size=cfg.forward_batch_size, progress=False, **spec.params)
             secs = time.perf_counter() - t0
-            store.put_maps(rk, [ids[i] for i in todo], exp.targets.tolist(), exp.numpy(), secs, version)
+            store.put_maps(rk, [ids[i] for i in todo], exp.targets.tolist() if keep is None else keep, exp.numpy(),
+                           secs, version)
             bar.timed(spec.label, len(todo), secs)
             computed["maps"] += len(todo)
             log.info("maps %s: %d images (%s) in %.2f s", spec.label, len(todo), ids[todo[0]], secs)

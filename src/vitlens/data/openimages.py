@@ -11,6 +11,11 @@ Files (as distributed):
 
 Points follow the model's eval transform (resize the short side to size / crop_pct, centre crop) like
 boxes; points outside the crop are dropped.
+
+Which (image, class) pairs are evaluated: by default the classes *present* in the image, i.e. with at
+least one *yes* point (each explained with the prompt ``"a photo of a {class}"``); its *no* points
+still count as negatives. ``present_only=False`` also keeps classes annotated only with *no* points
+(verified absent), whose maps can then only add false positives.
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ def transform_points(points: np.ndarray, image_size: tuple[int, int], size: tupl
 class OpenImagesPoints:
     """(image, class) pairs with point labels. ``classes`` maps MIDs to display names."""
 
-    def __init__(self, points_csv, images, classes_csv):
+    def __init__(self, points_csv, images, classes_csv, present_only: bool = True):
         self.images = Path(images)
         for p in (Path(points_csv), Path(classes_csv)):
             if not p.exists():
@@ -87,6 +92,8 @@ class OpenImagesPoints:
             if not path.exists() or mid not in self.class_names:
                 continue
             arr = np.array(pts, dtype=np.float64)
+            if present_only and not (arr[:, 2] > 0).any():
+                continue
             pairs.append(PointPair(iid, path, mid, self.class_names[mid], arr[:, :2], arr[:, 2] > 0))
         if not pairs:
             raise InputError(f"no labelled (image, class) pairs with images found from {points_csv}.")
@@ -101,15 +108,22 @@ class OpenImagesPoints:
 
     def batch(self, indices, model) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
         """``(x, prompts, points (n, P, 2), point_labels (n, P))`` on the model's input grid; padded with -1."""
+        pairs = [self.pairs[i] for i in indices]
+        x = model.preprocess([p.path for p in pairs])
+        points, labels = self.points_for(indices, model.input_size, model.crop_pct)
+        return x, [self.prompt(p.name) for p in pairs], points, labels
+
+    def points_for(self, indices, size: tuple[int, int], crop_pct: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(points (n, P, 2), point_labels (n, P))`` of pairs ``indices`` on the input grid of an eval
+        transform with ``size`` and ``crop_pct``; padded with label -1."""
         from PIL import Image
 
         pairs = [self.pairs[i] for i in indices]
-        x = model.preprocess([p.path for p in pairs])
         pts, labs = [], []
         for p in pairs:
             with Image.open(p.path) as im:
-                size = im.size
-            q, inside = transform_points(p.points, size, model.input_size, model.crop_pct)
+                im_size = im.size
+            q, inside = transform_points(p.points, im_size, size, crop_pct)
             pts.append(q[inside])
             labs.append(p.positive[inside].astype(np.int64))
         P = max(1, max(len(q) for q in pts))
@@ -118,4 +132,4 @@ class OpenImagesPoints:
         for i, (q, lb) in enumerate(zip(pts, labs)):
             points[i, :len(q)] = torch.from_numpy(q)
             labels[i, :len(lb)] = torch.from_numpy(lb)
-        return x, [self.prompt(p.name) for p in pairs], points, labels
+        return points, labels

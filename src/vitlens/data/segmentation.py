@@ -49,14 +49,22 @@ class ImageNetSegmentation:
 
     def batch(self, indices: Sequence[int], model) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, masks)``: normalised (n, 3, H, W) images for ``model`` and (n, H, W) long masks."""
+        xs = self.images(indices, model.input_size, model.mean, model.std)
+        return xs.to(model.device), self.masks(indices, model.input_size)
+
+    def images(self, indices: Sequence[int], size: tuple[int, int], mean, std) -> torch.Tensor:
+        """(n, 3, H, W) images resized to ``size`` without cropping (bilinear), normalised with mean/std."""
         from torchvision import transforms as T
 
-        H, W = model.input_size
-        tf = T.Compose([T.Resize((H, W)), T.ToTensor(), T.Normalize(model.mean, model.std)])
-        xs = torch.stack([tf(self.image(i)) for i in indices])
-        ms = torch.stack([torch.from_numpy(np.array(
+        H, W = size
+        tf = T.Compose([T.Resize((H, W)), T.ToTensor(), T.Normalize(mean, std)])
+        return torch.stack([tf(self.image(i)) for i in indices])
+
+    def masks(self, indices: Sequence[int], size: tuple[int, int]) -> torch.Tensor:
+        """(n, H, W) long masks resized to ``size`` with nearest-neighbour interpolation."""
+        H, W = size
+        return torch.stack([torch.from_numpy(np.array(
             Image.fromarray(self.mask(i)).resize((W, H), Image.NEAREST))).long() for i in indices])
-        return xs.to(model.device), ms
 
     def close(self) -> None:
         self._f.close()

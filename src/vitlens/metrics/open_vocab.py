@@ -56,20 +56,32 @@ def open_vocab(model, x: Optional[Tensor], maps, targets=None, *, points: Tensor
                       torch.full(inter.shape, float("nan"), dtype=torch.float64, device=inter.device))
     classes = list(targets) if isinstance(targets, (list, tuple)) else [targets] * B
     return MetricResult(values=iou.float().cpu(), protocol=dict(threshold=threshold, normalise="per-map min-max"),
-                        extras=dict(intersection=inter.cpu(), union=union.cpu(), classes=classes))
+                        extras=dict(intersection=inter.cpu(), union=union.cpu(), classes=classes,
+                                    counts=torch.stack([inter, union], 1).cpu()))
 
 
 def open_vocab_scores(results: Union[MetricResult, Iterable[MetricResult]]) -> dict:
     """p-mIoU: per-class IoU (intersections and unions summed over the class's pairs), averaged over classes."""
     if isinstance(results, MetricResult):
         results = [results]
+    results = list(results)
+    return open_vocab_scores_from_counts(torch.cat([r.extras["counts"] for r in results]),
+                                         [c for r in results for c in r.extras["classes"]])
+
+
+def open_vocab_scores_from_counts(counts, classes: Sequence) -> dict:
+    """p-mIoU from per-pair ``counts`` (n, 2) = (intersection, union) and each pair's class: per class
+    IoU_c = sum of its intersections / sum of its unions (classes whose union is empty are left out),
+    p-mIoU = mean over classes."""
+    c = torch.as_tensor(counts, dtype=torch.float64).reshape(-1, 2).tolist()
+    if len(c) != len(classes):
+        raise InputError(f"{len(c)} pairs of counts but {len(classes)} classes.")
     inter: dict = {}
     union: dict = {}
-    for r in results:
-        for c, i, u in zip(r.extras["classes"], r.extras["intersection"].tolist(), r.extras["union"].tolist()):
-            inter[c] = inter.get(c, 0) + i
-            union[c] = union.get(c, 0) + u
-    per = {c: inter[c] / union[c] for c in inter if union[c] > 0}
+    for k, (i, u) in zip(classes, c):
+        inter[k] = inter.get(k, 0) + i
+        union[k] = union.get(k, 0) + u
+    per = {k: inter[k] / union[k] for k in inter if union[k] > 0}
     if not per:
         raise InputError("no (image, class) pair with a non-empty union of points.")
     return dict(p_miou=sum(per.values()) / len(per), per_class=per, classes=len(per))

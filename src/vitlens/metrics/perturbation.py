@@ -8,11 +8,21 @@ Protocol (the paper and its evaluation code):
   (lower flat index first, a stable sort; the code's ``topk`` leaves ties unspecified);
 * for p = 0 %, 10 %, ..., 90 % the first ``int(p * H * W)`` ranked pixels are set to 0 in [0, 1] pixel
   space (black, all channels), the image is re-normalised and classified;
-* each point is top-1 correctness: ``argmax(logits) == target``, where ``targets=None`` is the class
-  predicted on the clean image (the code's ``--vis-class top``) and ground-truth labels give the
-  ``target`` setting; the 0 % point is the clean image's correctness;
+* each point is top-1 correctness against the **ground-truth label**: ``argmax(logits) == labels``
+  (``pertubation_eval_from_hdf5.py``: ``target == out.max(1)[1]``, where ``target`` is the dataset's
+  label whichever class the map explains); the 0 % point is the clean image's correctness
+  (the script's ``num_correct_model``), so an image the model gets wrong scores 0 everywhere;
+* the explained class is chosen when the maps are made (the scripts' ``--vis-class top`` = the
+  predicted class, ``--vis-class target`` = the label; ``vitlens bench --target predicted|label``):
+  it changes the ranking, never what counts as correct. ``targets`` is only used when ``labels`` is
+  not given (then correctness is measured against ``targets``; ``None``: the class predicted on the
+  clean image), for callers without labels; the bench always passes the labels;
+* no softmax: the score is the arg-max class of the logits (the script's ``out.data.max(1)[1]``);
 * AUC: trapezoid rule over the ten points with x = p in [0, 0.9] (so at most 0.9; the papers report
   it x 100 as a percentage of the accuracy curve's area). Positive: lower is better; negative: higher.
+* what the script reads but this metric does not change: the map is min-max normalised there before
+  ranking (a monotone map: same ranking), images are ``Resize((224, 224))`` without crop there (the
+  bench uses the model's eval transform; ImageNet-Segmentation images are resized without crop).
 """
 from __future__ import annotations
 
@@ -30,12 +40,14 @@ from .causal import saliency_rank
 STEPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def perturbation(model, x: Tensor, maps, targets=None, *, order: str = "positive",
+def perturbation(model, x: Tensor, maps, targets=None, *, labels=None, order: str = "positive",
                  steps: tuple = STEPS, batch_size: Optional[int] = None,
                  progress: Optional[bool] = None, precision=None, compile: Optional[bool] = None) -> MetricResult:
     """Perturbation AUC of top-1 accuracy per image (see the module docstring).
 
     Args:
+        labels: (B,) ground-truth class indices; correctness is measured against them (Chefer's
+            script). ``None``: against ``targets`` (the predicted class when ``targets`` is ``None``).
         order: ``"positive"`` (most relevant pixels removed first; lower is better) or ``"negative"``
             (least relevant first; higher is better).
         steps: fractions of pixels removed (default 0, 0.1, ..., 0.9).
@@ -50,9 +62,9 @@ def perturbation(model, x: Tensor, maps, targets=None, *, order: str = "positive
     adapter = wrap_model(model)
     x = adapter.check_input(x)
     maps = check_maps(maps, x)
-    tgt = adapter.resolve_target(targets, x=x)
+    tgt = adapter.resolve_target(targets if labels is None else _as_indices(labels), x=x)
     if tgt.any_text:
-        raise InputError("perturbation measures top-1 accuracy: it needs class targets, not text prompts.")
+        raise InputError("perturbation measures top-1 accuracy: it needs class labels, not text prompts.")
     B, C, H, W = x.shape
     fr = torch.as_tensor(steps, dtype=torch.float64)
     if fr.dim() != 1 or (fr < 0).any() or (fr > 1).any():
@@ -83,23 +95,33 @@ def perturbation(model, x: Tensor, maps, targets=None, *, order: str = "positive
     values = trapezoid(curves.double(), fr).float()
     return MetricResult(values=values, curves=curves, xs=xs,
                         protocol=dict(order=order, steps=tuple(float(s) for s in steps), fill="black (0 in [0,1] pixel space)",
-                                      score="top-1 correctness", tie_break="raster order (stable sort)",
+                                      score="top-1 correctness against " + ("the labels" if labels is not None else "the targets"),
+                                      tie_break="raster order (stable sort)",
                                       auc="trapezoid over xs"))
 
 
-@register_metric("perturbation_positive", higher_is_better=False)
-def perturbation_positive(model, x: Tensor, maps, targets=None, *, steps: tuple = STEPS,
+def _as_indices(labels) -> list[int]:
+    t = torch.as_tensor(labels).reshape(-1)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise InputError(f"perturbation labels must be class indices, got dtype {t.dtype}.")
+    if (t < 0).any():
+        raise InputError("perturbation needs a ground-truth label for every image (found a negative label).")
+    return t.tolist()
+
+
+@register_metric("perturbation_positive", higher_is_better=False, needs=("labels",))
+def perturbation_positive(model, x: Tensor, maps, targets=None, *, labels=None, steps: tuple = STEPS,
                           batch_size: Optional[int] = None, progress: Optional[bool] = None,
                           precision=None, compile: Optional[bool] = None) -> MetricResult:
     """Positive perturbation AUC (Chefer et al. 2021): most relevant pixels removed first; lower is better."""
-    return perturbation(model, x, maps, targets, order="positive", steps=steps, batch_size=batch_size,
-                        progress=progress, precision=precision, compile=compile)
+    return perturbation(model, x, maps, targets, labels=labels, order="positive", steps=steps,
+                        batch_size=batch_size, progress=progress, precision=precision, compile=compile)
 
 
-@register_metric("perturbation_negative", higher_is_better=True)
-def perturbation_negative(model, x: Tensor, maps, targets=None, *, steps: tuple = STEPS,
+@register_metric("perturbation_negative", higher_is_better=True, needs=("labels",))
+def perturbation_negative(model, x: Tensor, maps, targets=None, *, labels=None, steps: tuple = STEPS,
                           batch_size: Optional[int] = None, progress: Optional[bool] = None,
                           precision=None, compile: Optional[bool] = None) -> MetricResult:
     """Negative perturbation AUC (Chefer et al. 2021): least relevant pixels removed first; higher is better."""
-    return perturbation(model, x, maps, targets, order="negative", steps=steps, batch_size=batch_size,
-                        progress=progress, precision=precision, compile=compile)
+    return perturbation(model, x, maps, targets, labels=labels, order="negative", steps=steps,
+                        batch_size=batch_size, progress=progress, precision=precision, compile=compile)

@@ -1,10 +1,18 @@
 """Segmentation by saliency on ImageNet-Segmentation (Guillaumin, Küttel & Ferrari, IJCV 2014), with the
 protocol of Chefer, Gur & Wolf (CVPR 2021, Table 2 and their ``imagenet_seg_eval.py``) and LeGrad Table 1.
 
-Per image, the map is min-max normalised (a constant map becomes 0) and binarised: foreground where
-``map > threshold`` with ``threshold="mean"`` (the map's own mean, Chefer) or a number (0.5, LeGrad).
+Per image, the map (at input resolution, i.e. after the bilinear upsampling of token maps, as the
+reference code does before thresholding) is min-max normalised (a constant map becomes 0) and
+binarised: foreground where ``map > threshold`` (strict, as ``Res.gt(ret)`` in ``imagenet_seg_eval.py``;
+pixels equal to the threshold are background, ``Res.le(ret)``) with
+
+* ``threshold=0.5`` (the default): LeGrad Sec. 4.1 / Table 1 (a fixed threshold of 0.5 on the
+  min-max normalised map; LeGrad's released code has no evaluation script to check it against);
+* ``threshold="mean"``: the map's own mean after min-max normalisation (Chefer et al.,
+  ``imagenet_seg_eval.py``: ``ret = Res.mean(); Res_1 = Res.gt(ret)``).
+
 Ground-truth masks hold 1 (object), 0 (background) and negative values for unlabelled pixels, which are
-ignored everywhere.
+ignored everywhere (the reference code's ``ignore_index=-1`` / ``target > 0`` after ``+ 1``).
 
 * **pixel accuracy** = sum over the dataset of correctly labelled pixels / labelled pixels;
 * **mIoU** = mean over the two classes (background, foreground) of the dataset-level IoU
@@ -16,6 +24,10 @@ ignored everywhere.
 
 ``values`` holds the per-image AP; ``extras`` the per-image counts that :func:`segmentation_scores`
 accumulates into the three dataset-level numbers. No forward pass.
+
+Constant maps: the reference code divides 0 by 0 and sets the NaNs to 0 in both AP channels (every
+score equal); here the normalised map is 0, i.e. background scores 1 and foreground 0. Both rank all
+pixels of a channel equally; the thresholded mask (all background) is the same.
 """
 from __future__ import annotations
 
@@ -56,14 +68,14 @@ def average_precision(scores: Tensor, truth: Tensor, valid: Optional[Tensor] = N
 
 @register_metric("segmentation", higher_is_better=True, needs=("masks",))
 def segmentation(model, x: Optional[Tensor], maps, targets=None, *, masks: Tensor,
-                 threshold: Union[str, float] = "mean", batch_size: Optional[int] = None,
+                 threshold: Union[str, float] = 0.5, batch_size: Optional[int] = None,
                  progress: Optional[bool] = None) -> MetricResult:
     """Per-image segmentation AP and the counts for pixel accuracy / mIoU (see the module docstring).
 
     Args:
         masks: (B, H, W) ground truth at the maps' resolution (1 object, 0 background, < 0 ignored),
             e.g. from :meth:`vitlens.data.ImageNetSegmentation.batch`.
-        threshold: ``"mean"`` (Chefer et al.) or a number in [0, 1] (0.5: LeGrad).
+        threshold: a number in [0, 1] (default 0.5: LeGrad Sec. 4.1) or ``"mean"`` (Chefer et al.).
     """
     maps = check_maps(maps, x if isinstance(x, Tensor) else None)
     masks = torch.as_tensor(masks).to(maps.device)
@@ -89,7 +101,27 @@ def segmentation(model, x: Optional[Tensor], maps, targets=None, *, masks: Tenso
                         protocol=dict(threshold=threshold, normalise="per-map min-max",
                                       ap="both channels pooled (1 - map, map)"),
                         extras=dict(pixel_correct=correct.cpu(), pixel_labeled=labeled.cpu(),
-                                    intersection=inter.cpu(), union=union.cpu()))
+                                    intersection=inter.cpu(), union=union.cpu(),
+                                    counts=torch.cat([correct[:, None], labeled[:, None], inter, union], 1).cpu()))
+
+
+#: the columns of ``extras["counts"]`` (what ``vitlens bench`` stores per image to rebuild the dataset numbers)
+COUNTS = ("pixel_correct", "pixel_labeled", "intersection_bg", "intersection_fg", "union_bg", "union_fg")
+
+
+def segmentation_scores_from_counts(counts, ap) -> dict:
+    """Dataset-level numbers from per-image ``counts`` (n, 6) (:data:`COUNTS`) and per-image AP (n,):
+    pixel accuracy = sum correct / sum labelled; IoU_c = sum intersection_c / sum union_c; mIoU = mean_c;
+    mAP = mean AP (``imagenet_seg_eval.py``: ``total_correct / total_label``, ``total_inter / total_union``,
+    ``np.mean(total_ap)``)."""
+    c = torch.as_tensor(counts, dtype=torch.float64).reshape(-1, len(COUNTS))
+    ap = torch.as_tensor(ap, dtype=torch.float64).reshape(-1)
+    if c.shape[0] == 0:
+        raise InputError("no segmentation results to summarise.")
+    tot = c.sum(0)
+    iou = tot[2:4] / tot[4:6].clamp_min(1)
+    return dict(pixel_accuracy=float(tot[0] / tot[1].clamp_min(1)), iou=iou.tolist(), miou=float(iou.mean()),
+                map=float(ap.mean()), images=int(ap.numel()))
 
 
 def segmentation_scores(results: Union[MetricResult, Iterable[MetricResult]]) -> dict:
@@ -100,11 +132,5 @@ def segmentation_scores(results: Union[MetricResult, Iterable[MetricResult]]) ->
     results = list(results)
     if not results:
         raise InputError("no segmentation results to summarise.")
-    correct = sum(int(r.extras["pixel_correct"].sum()) for r in results)
-    labeled = sum(int(r.extras["pixel_labeled"].sum()) for r in results)
-    inter = sum(r.extras["intersection"].sum(0).double() for r in results)
-    union = sum(r.extras["union"].sum(0).double() for r in results)
-    iou = inter / union.clamp_min(1)
-    ap = torch.cat([r.values for r in results])
-    return dict(pixel_accuracy=correct / max(labeled, 1), iou=iou.tolist(), miou=float(iou.mean()),
-                map=float(ap.mean()), images=int(ap.numel()))
+    return segmentation_scores_from_counts(torch.cat([r.extras["counts"] for r in results]),
+                                           torch.cat([r.values for r in results]))

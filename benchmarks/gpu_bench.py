@@ -2,7 +2,8 @@
 at fp32 and bf16, measured in one run.
 
     python benchmarks/gpu_bench.py                       # CUDA: ViT-B/16 (random weights) + the real ViT-Ti
-    python benchmarks/gpu_bench.py --quick --device cpu  # a minute-scale smoke run of the same code on the CPU
+    python benchmarks/gpu_bench.py --quick --device cpu  # a smoke run of the same code on the CPU
+    python benchmarks/gpu_bench.py --quick --device cpu --models tiny   # the same in seconds (2-block 64 px ViT)
     python benchmarks/gpu_bench.py --models vit_tiny --precisions bf16 --compile
 
 For each model and precision it prints (and writes to ``benchmarks/results/gpu_bench.json``):
@@ -58,6 +59,11 @@ def load(name: str, dev: torch.device, quick: bool):
         return model
     import timm
 
+    if name == "tiny":  # a 2-block random ViT-Ti on 64 x 64 inputs: checks this script in seconds
+        torch.manual_seed(0)
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=10)
+        return vitlens.wrap_model(m.eval().to(dev))
+
     torch.manual_seed(0)
     kw = dict(depth=2) if quick else {}
     m = timm.create_model("vit_base_patch16_224", pretrained=False, **kw).eval().to(dev)
@@ -65,7 +71,8 @@ def load(name: str, dev: torch.device, quick: bool):
 
 
 def images(model, n: int, dev: torch.device) -> torch.Tensor:
-    paths = sorted((SHARED / "data" / "imagenet-val-sample" / "images").iterdir())[:n]
+    folder = SHARED / "data" / "imagenet-val-sample" / "images"
+    paths = sorted(folder.iterdir())[:n] if folder.is_dir() and tuple(model.input_size) == (224, 224) else []
     if paths:
         return model.preprocess(paths).to(dev)
     return torch.randn(n, 3, *model.input_size, generator=torch.Generator().manual_seed(0)).to(dev)
@@ -102,7 +109,7 @@ def workloads(args):
     return {
         "tis": (dict(n_masks=32 if q else 1024), "subset"),
         "rise": (dict(n_masks=64 if q else 4000), "forward"),
-        "vitcx": ({}, "forward"),
+        "vitcx": (dict(masks="random", n_random_masks=8) if q else {}, "forward"),
         "legrad": ({}, None),
         "insertion+deletion": (dict(n_steps=8 if q else 224), "forward"),
     }

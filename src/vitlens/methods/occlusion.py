@@ -14,7 +14,9 @@ only when the stride does not tile the image) get 0.
 
 Protocol choices: the baseline is 0 of the normalised tensor by default (``"zero"``: the mean colour,
 the grey square of the paper and Captum's default), ``"black"`` or any constant; f is
-``adapter.score`` (softmax probability by default; cosine similarity for CLIP text prompts).
+``adapter.score`` (softmax probability by default; cosine similarity for CLIP text prompts). The occluded
+images' forward passes follow ``explain(..., precision=, compile=)`` (:mod:`vitlens.precision`); the clean
+score and the averages are float32.
 """
 from __future__ import annotations
 

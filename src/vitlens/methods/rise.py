@@ -22,6 +22,8 @@ Protocol choices:
   N = 4000 masks of 224 x 224 never sit in memory at once.
 * f is ``adapter.score``: the target's softmax probability by default (paper), ``"logit"``, or the
   cosine similarity for CLIP text prompts.
+* the masked images' forward passes follow ``explain(..., precision=, compile=)`` (:mod:`vitlens.precision`;
+  default fp32 on the CPU, bf16 on CUDA); the scores and the sum of eq. 6 are float32.
 """
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ Layer: by default the output of the last block's first LayerNorm (``layer=-1, si
 the ``blocks[-1].norm1`` target layer of the ViT-CX code and of pytorch-grad-cam for ViTs); any block
 and canonical hook site can be chosen. The map is token-level (gh, gw); :func:`vitlens.explain`
 upsamples it. f is ``adapter.score`` (probability by default; cosine similarity for CLIP prompts).
+The masked images' forward passes follow ``explain(..., precision=, compile=)`` (:mod:`vitlens.precision`);
+the features come from the clean pass at the model's dtype and the weights are float32.
 """
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ def summary(args) -> None:
         c = torch.tensor([r["corr"] for r in rs])
         h32 = sum(r["hit_fp32"] for r in rs) / len(rs)
         hlo = sum(r["hit_low"] for r in rs) / len(rs)
-        cells = [m, str(len(rs)), f"{c.nanmean():.4f} ({c.min():.4f})", f"{h32:.3f}", f"{hlo:.3f}"]
+        cells = [m, str(len(rs)), f"{c.nanmean():.5f} ({c.min():.5f})", f"{h32:.3f}", f"{hlo:.3f}"]
         for name in ("ins", "del"):
             if f"{name}_fp32" in rs[0]:
                 d = torch.tensor([abs(r[f"{name}_low"] - r[f"{name}_fp32"]) for r in rs])

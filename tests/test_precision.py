@@ -266,3 +266,13 @@ def test_no_tensor_reads_inside_the_metric_loops(model, x):
     for fn in (lambda bs: insertion(model, x, maps, n_steps=8, batch_size=bs),
                lambda bs: perturbation_positive(model, x, maps, batch_size=bs)):
         assert _scalar_reads(lambda: fn(64)) == _scalar_reads(lambda: fn(3))
+
+
+def test_bench_config_takes_precision_and_compile():
+    from vitlens.bench.config import BenchConfig
+
+    cfg = BenchConfig(methods="tis", metrics="insertion", precision="bfloat16", compile=True).normalise()
+    assert cfg.precision == "bf16" and cfg.compile is True
+    assert BenchConfig(methods="tis", metrics="insertion").normalise().precision is None  # device default
+    with pytest.raises(InputError, match="unknown precision 'int8'"):
+        BenchConfig(methods="tis", metrics="insertion", precision="int8").normalise()

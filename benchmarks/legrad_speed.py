@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--layers", default="all", help="'all', a count from the end, or a fraction")
+    ap.add_argument("--layers", default="all", help="'all', 'paper', 'released', a count from the end, or a fraction")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     if args.threads:
@@ -65,7 +65,8 @@ def main() -> None:
     model, weights = _load_model()
     model.module.to(args.device)
     dev = model.device
-    layers = None if args.layers == "all" else (float(args.layers) if "." in args.layers else int(args.layers))
+    layers = args.layers if args.layers in ("all", "paper", "released") else (
+        float(args.layers) if "." in args.layers else int(args.layers))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, *model.input_size, generator=g).to(dev)
     target = torch.arange(args.batch, device=dev) * 7 % 1000

@@ -70,6 +70,8 @@ def reference_run(tmp_path_factory):
     assert p.returncode == 0, log
     rows = rows_of(out / "results.sqlite")
     assert len(rows) == 6 * 2 * 3
+    assert "starting: 12 maps and 36 rows to compute" in log
+    assert not list(out.rglob("*.lock")), "the run lock is released at the end"
     return out, rows
 
 
@@ -107,6 +109,9 @@ def test_kill9_midway_then_resume_gives_exactly_the_uninterrupted_rows(reference
     assert p.returncode == 0, log
     same_rows(rows_of(db), ref)
     assert "computed" in log and f"{len(ref) - len(partial)} rows" in log
+    # the killed runner's lock is detected as stale; the start line says what was found
+    assert "removing a stale lock" in log and f"{len(partial)} of {len(ref)} rows done" in log
+    assert not (out / "bench.lock").exists()
 
 
 @needs_shared
@@ -121,6 +126,7 @@ def test_torchrun_two_gloo_processes_match_one_process(reference_run, tmp_path):
     same_rows(got, ref, atol=0.0)  # same batch-mates in every process -> identical numbers
     logs = sorted(p.name for p in (out / "logs").iterdir())
     assert logs == ["bench.shard-0-of-2.log", "bench.shard-1-of-2.log"]
+    assert not list(out.rglob("*.lock"))  # one lock per rank's shard, each released
 
 
 @needs_shared
@@ -188,16 +194,25 @@ def test_end_to_end_three_methods_on_ten_shared_images(real_model, shared_pointi
     np.testing.assert_allclose(stored("insertion"), ins, atol=1e-5)
     np.testing.assert_array_equal(stored("pointing_game"), pg)
 
-    # report: mean and Student-t 95 % CI (t_{0.975, 9} = 2.262157) of the stored insertion values
+    # report: mean and Student-t 95 % CI (t_{0.975, 9} = 2.262157) of the stored insertion values (AUCs of
+    # probabilities: clipped to [0, 1]); pointing-game hits: Wilson interval
     md = (tmp_path / "e2e" / "results.md").read_text()
-    csv_rows = (tmp_path / "e2e" / "results.csv").read_text().splitlines()
-    row = next(r.split(",") for r in csv_rows if r.startswith(f"{check},insertion,"))
+    import csv
+
+    with open(tmp_path / "e2e" / "results.csv", newline="") as f:
+        csv_rows = list(csv.reader(f))
+    row = next(r for r in csv_rows if r[:2] == [check, "insertion"])
     v = stored("insertion")
+    h = 2.262157 * v.std(ddof=1) / math.sqrt(10)
     assert math.isclose(float(row[5]), v.mean(), rel_tol=1e-9)
-    assert math.isclose(float(row[8]), 2.262157 * v.std(ddof=1) / math.sqrt(10), rel_tol=1e-5)
-    best = [r.split(",") for r in csv_rows[1:] if r.split(",")[10] == "1"]
+    assert math.isclose(float(row[6]), max(0.0, v.mean() - h), rel_tol=1e-5, abs_tol=1e-12)
+    assert math.isclose(float(row[7]), min(1.0, v.mean() + h), rel_tol=1e-5)
+    assert row[11] == "Student t, clipped to [0, 1]"
+    row = next(r for r in csv_rows if r[:2] == [check, "pointing_game"])
+    assert row[11] == "Wilson score interval of a proportion" and 0 <= float(row[6]) <= float(row[7]) <= 1
+    best = [r for r in csv_rows[1:] if r[10] == "1"]
     assert {b[1] for b in best} == {"insertion", "deletion", "pointing_game"}  # a best per column (ties: all)
-    assert md.count("**") == 2 * len(best)
+    assert md.split("\n## ")[0].count("**") == 2 * len(best)
     html = (tmp_path / "e2e" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "src='http" not in html
 

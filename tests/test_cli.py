@@ -51,5 +51,37 @@ def test_methods_lists_every_registered_method(capsys):
     import vitlens
 
     assert main(["methods"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip() and line[0] != " "]
     assert listed == vitlens.methods()
+
+
+def test_output_names_never_collide():
+    from pathlib import Path
+
+    from vitlens.cli import output_stems
+
+    assert output_stems([Path("x/a.jpg"), Path("y/b.png")]) == ["a", "b"]  # unique stems: kept short
+    assert output_stems([Path("/d/x/img.jpg"), Path("/d/y/z/img.jpg")]) == ["x/img", "y/z/img"]
+    same_folder = output_stems([Path("/d/img.jpg"), Path("/d/img.png")])
+    assert len(set(same_folder)) == 2 and all(s.startswith("img-") for s in same_folder)
+
+
+def test_same_file_names_in_two_folders_and_overwrite(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    paths = []
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        p = tmp_path / sub / "img.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    out = tmp_path / "out"
+    args = ["explain", *paths, "--method", "rollout", "--weights", "random", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    a, b = np.load(out / "a" / "img_rollout.npy"), np.load(out / "b" / "img_rollout.npy")
+    assert not np.array_equal(a, b)  # two images, two maps: the second did not replace the first
+    before = (out / "a" / "img_rollout.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 2  # a second run refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "a" / "img_rollout.png").stat().st_mtime_ns == before
+    assert main(args + ["--overwrite"]) == 0

@@ -87,7 +87,7 @@ def _matmul_ref(a, b, R, mode):
     return (ra / 2, rb / 2) if mode == "half" else _norm_ref(ra, rb, R)
 
 
-def slow_chefer(blocks, final_ln, head, emb, target, mode):
+def slow_chefer(blocks, final_ln, head, emb, target, mode, return_input=False):
     """Forward (own code, autograd for grad A), then relevance per block from the paper's rules."""
     x = emb.double().requires_grad_(True)
     cache = []
@@ -136,6 +136,8 @@ def slow_chefer(blocks, final_ln, head, emb, target, mode):
         r_q, r_kt = _matmul_ref(c["q"], c["k"].transpose(-2, -1), r_A, mode)   # softmax: identity
         r_qkv = torch.stack([r_q, r_kt.transpose(-2, -1), r_v]).permute(1, 3, 0, 2, 4).reshape(B, N, -1)
         R = r_x + _zplus_ref(c["h"], p["qkv"][0], r_qkv)
+    if return_input:  # relevance at the tokens entering block 0 (for full LRP)
+        return rel_A, grads_A, [c["A"].detach() for c in cache], R
     return rel_A, grads_A, [c["A"].detach() for c in cache]
 
 

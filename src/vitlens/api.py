@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import InputError, did_you_mean
 from .explanation import Explanation, minmax, upsample
 from .methods import get_method, method_names
 from .models import ViTAdapter, wrap_model
@@ -50,8 +50,9 @@ def explain(model: Union[ViTAdapter, nn.Module], x: Tensor, method: str = "tis",
     info = get_method(method)
     unknown = set(params) - set(info.defaults)
     if unknown:
-        raise InputError(f"unknown parameter(s) for method '{method}': {', '.join(sorted(unknown))}; "
-                         f"it accepts: {', '.join(sorted(info.defaults)) or 'none'}.")
+        first = sorted(unknown)[0]
+        raise InputError(f"unknown parameter(s) for method '{method}': {', '.join(sorted(unknown))}."
+                         f"{did_you_mean(first, info.defaults)} It accepts: {', '.join(sorted(info.defaults)) or 'none'}.")
     x = adapter.check_input(x)
     from .precision import autocast, check_precision, runtime
 

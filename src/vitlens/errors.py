@@ -32,3 +32,18 @@ class TargetError(VitlensError, ValueError):
 
 class WeightsError(VitlensError, FileNotFoundError):
     """Model weights could not be found or loaded."""
+
+
+def did_you_mean(word: str, choices, n: int = 3, cutoff: float = 0.6) -> str:
+    """`` Did you mean 'a' or 'b'?`` for the closest of ``choices`` to ``word`` (``""`` when none is close)."""
+    import difflib
+
+    choices = [str(c) for c in choices]
+    hits = difflib.get_close_matches(str(word), choices, n=n, cutoff=cutoff)
+    if not hits:  # a prefix / substring match catches truncated names difflib rates low
+        low = str(word).lower()
+        hits = [c for c in choices if low and (c.lower().startswith(low) or low in c.lower())][:n]
+    if not hits:
+        return ""
+    quoted = [f"'{h}'" for h in hits]
+    return " Did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"

@@ -38,20 +38,54 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "(default: fp32 on CPU, bf16 on CUDA; gradient methods stay fp32)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the batched forward paths (falls back to eager with a warning)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of every random choice in methods and metrics (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--shard", help="i/n: compute only shard i of n (merge with `vitlens report DIR`)")
     p.add_argument("--resume", dest="resume", action="store_true", default=None,
                    help="continue an existing output folder (the default)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to reuse an existing folder")
-    p.add_argument("--no-report", dest="report", action="store_false", default=None)
+    p.add_argument("--no-report", dest="report", action="store_false", default=None,
+                   help="do not write results.md/csv and report.html at the end (run `vitlens report DIR` later)")
     p.add_argument("--examples", type=int, help="example images in report.html (default 4)")
-    p.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--report-subset", dest="report_subset", action="store_true", default=None,
+                   help="also write this run's methods and metrics alone to OUT/this-run/ (results.md always "
+                        "shows everything in OUT)")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show progress even when VITLENS_NO_PROGRESS is set (default: a bar on a terminal, "
+                        "else a line per method/metric call and at least one every 30 s, on stderr)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress output (the log file in OUT/logs/ still has it)")
     p.add_argument("--out", help="output folder (results.sqlite, logs/, results.md/csv, report.html)")
     p.add_argument("--print-config", action="store_true", help="print the merged configuration and exit")
     return p
+
+
+def _convert_user_params(cfg, method_params: dict, metric_params: dict) -> None:
+    """Check method/metric names (close matches) and convert the values of ``--method-param`` /
+    ``--metric-param`` to the types the method's / metric's signature declares (one-line errors)."""
+    from .._params import convert_params
+    from ..methods import get_method
+    from ..metrics.base import get_metric
+
+    for spec in cfg.methods:
+        info = get_method(spec.method)
+        given = method_params.get(spec.label, {})
+        if given:
+            spec.params.update(convert_params(info.fn, given, info.defaults, owner=f"method '{spec.method}'",
+                                              flag="--method-param", prefix=f"{spec.label}."))
+    for name in cfg.metrics:
+        get_metric(name)
+    for name, given in (metric_params or {}).items():
+        if not isinstance(given, dict):
+            from ..errors import InputError
+
+            raise InputError(f"--metric-param {name}={given}: write METRIC.KEY=VALUE, e.g. insertion.n_steps=16.")
+        info = get_metric(name)
+        conv = convert_params(info.fn, given, info.defaults, owner=f"metric '{name}'", flag="--metric-param",
+                              prefix=f"{name}.")
+        if isinstance(cfg.metric_params, dict) and isinstance(cfg.metric_params.get(name), dict):
+            cfg.metric_params[name].update(conv)
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -65,13 +99,19 @@ def bench_main(args: argparse.Namespace) -> int:
                    precision=args.precision, compile=args.compile,
                    seed=args.seed, device=args.device, threads=args.threads, shard=args.shard, resume=args.resume,
                    report=args.report, examples=args.examples, progress=args.progress, out=args.out,
-                   preset=args.preset)
+                   preset=args.preset, report_subset=args.report_subset)
         if args.model_arg:
             cli["model_args"] = parse_assignments(args.model_arg, "model argument")
         if args.metric_param:
             cli["metric_params"] = parse_assignments(args.metric_param, "metric parameter")
         cli["method_params"] = parse_assignments(args.method_param, "method parameter")
+        user_method_params = {k: dict(v) for k, v in cli["method_params"].items() if isinstance(v, dict)}
+        if args.device not in (None, "auto"):
+            from ..models.loading import check_device
+
+            check_device(args.device)
         cfg = build_config(cli, file=args.config, preset=None if (args.preset or args.config) else "default")
+        _convert_user_params(cfg, user_method_params, cli.get("metric_params", {}))
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1, default=str))
             return 0
@@ -83,6 +123,15 @@ def bench_main(args: argparse.Namespace) -> int:
         print(summary["report"]["table"])
     print(f"{summary['images']} images; computed {summary['maps']} maps and {summary['rows']} rows "
           f"(shard {summary['shard']}) in {summary['seconds']:.1f} s -> {summary['out']}")
+    errors = summary.get("errors") or []
+    if errors:
+        print(f"vitlens bench: {len(errors)} item(s) failed and were skipped (recorded in results.sqlite, "
+              f"listed in results.md; details in {summary['out']}/logs/):", file=sys.stderr)
+        for e in errors[:20]:
+            what = e["stage"] + "".join(f" {e[k]}" for k in ("label", "metric") if e.get(k))
+            print(f"  {e['image_id']}: {what}: {e['message']}", file=sys.stderr)
+        if len(errors) > 20:
+            print(f"  ... and {len(errors) - 20} more", file=sys.stderr)
     return 0
 
 
@@ -96,6 +145,10 @@ def report_main(args: argparse.Namespace) -> int:
         return 2
     print(res["table"])
     print(f"wrote {res['markdown']}, {res['csv']}, {res['html']}")
+    n_err = sum(int(e[3]) for e in res.get("errors") or [])
+    if n_err:
+        print(f"vitlens report: {n_err} failed item(s) (unreadable images, method or metric errors) are listed "
+              f"under 'Errors' in {res['markdown']}.", file=sys.stderr)
     return 0
 
 
@@ -120,11 +173,17 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m vitlens.bench [bench] ...`` or ``python -m vitlens.bench report DIR``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m vitlens.bench")
+    from ..cli import OneLineParser, UsageError
+
+    ap = OneLineParser(prog="python -m vitlens.bench")  # usage errors: one line, exit code 2
     sub = ap.add_subparsers(dest="command")
     add_bench_parser(sub)
     add_report_parser(sub)
     if not argv or argv[0] not in ("bench", "report", "-h", "--help"):
         argv = ["bench", *argv]
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except UsageError as e:
+        print(" ".join(str(e).split()), file=sys.stderr)
+        return 2
     return int(args.func(args))

@@ -65,6 +65,7 @@ class BenchConfig:
     resume: bool = True
     report: bool = True
     examples: int = 4
+    report_subset: bool = False                          # also write this run's own view to OUT/this-run/
     progress: Optional[bool] = None
     preset: Optional[str] = None
 

@@ -53,6 +53,7 @@ class BoundMetric:
         out = dict(values=_np(values).reshape(-1))
         out["curves"] = None if curves is None else _np(curves)
         out["xs"] = None if xs is None else _np(xs).reshape(-1)
+        out["protocol"] = dict(getattr(res, "protocol", None) or {})  # as run: defaults resolved, rules named
         counts = (getattr(res, "extras", None) or {}).get("counts")
         if curves is None and counts is not None:
             # per-image counts of dataset-level metrics (segmentation mIoU, open-vocabulary p-mIoU) go into

@@ -9,6 +9,10 @@ Order of work, per batch of ``batch_size`` images (the shard unit, see :mod:`.di
    one transaction.
 
 Nothing is recomputed that is committed in the run's database or in the merged ``results.sqlite``.
+One runner per folder (or shard): :mod:`.lock`. Progress lines, heartbeat and ETA: :mod:`.progress`.
+Bad data (an unreadable image, a method or metric raising on an image) is isolated per image, recorded as
+an ``errors`` row and skipped (:mod:`.faults`); the next batch is decoded in the background while the
+current one computes (:mod:`.pipeline`).
 Targets: ``label`` explains the ground-truth class; ``predicted`` the model's top-1 class (per dataset, see
 :mod:`.datasets`: ImageNet-Segmentation has no labels, OpenImages explains each annotated class's prompt).
 The code version (``vitlens.__version__`` + git hash) is recorded in every row but is not part of any
@@ -32,7 +36,11 @@ from . import distributed
 from ..precision import resolve_precision, runtime as precision_runtime
 from .config import BenchConfig, MethodSpec
 from .datasets import BenchDataset as BenchData, Item, metrics_for, open_dataset
+from .faults import describe_error, run_isolated
+from .lock import RunLock, lock_paths
 from .metrics_bridge import BoundMetric, bind
+from .pipeline import Prefetcher
+from .progress import BenchProgress
 from .store import Store, key_of, merge_into
 
 MAIN_DB = "results.sqlite"
@@ -95,45 +103,36 @@ def _logger(path: Path) -> logging.Logger:
     return log
 
 
-class _Progress:
-    """One bar: images done, per-method and metric rates (images/s of compute), ETA."""
-
-    def __init__(self, total: int, enabled: Optional[bool], desc: str):
-        from tqdm.auto import tqdm
-
-        if enabled is None:
-            enabled = sys.stderr.isatty() and not os.environ.get("VITLENS_NO_PROGRESS")
-        self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
-        self.secs: dict[str, float] = {}
-        self.count: dict[str, int] = {}
-
-    def timed(self, key: str, n: int, secs: float) -> None:
-        self.secs[key] = self.secs.get(key, 0.0) + secs
-        self.count[key] = self.count.get(key, 0) + n
-        self.bar.set_postfix_str(" ".join(f"{k} {self.count[k] / max(self.secs[k], 1e-9):.2f}/s"
-                                          for k in self.secs), refresh=False)
-
-    def update(self, n: int) -> None:
-        self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 # -------------------------------------------------------------------------------------------- runner
 def select_items(cfg: BenchConfig, data: BenchData, model) -> tuple[list[Item], np.ndarray]:
     items = list(data.items)
-    cov = data.coverage(items, model.input_size, model.crop_pct)
+    cov = _robust(lambda its: data.coverage(its, model.input_size, model.crop_pct), items)
     if cfg.max_box_fraction is not None:
         if data.boxes is None:
             raise InputError("--max-box-fraction needs a dataset with boxes (LOC_val_solution.csv).")
-        keep = [i for i, c in enumerate(cov) if c <= cfg.max_box_fraction]
+        # NaN coverage = the image could not be read: kept, so the run records and reports it
+        keep = [i for i, c in enumerate(cov) if not c > cfg.max_box_fraction]
         items, cov = [items[i] for i in keep], cov[keep]
     if cfg.limit is not None:
         items, cov = items[: int(cfg.limit)], cov[: int(cfg.limit)]
     if not items:
         raise InputError("no images selected (check --data, --limit and --max-box-fraction).")
     return items, cov
+
+
+def _robust(fn, items: list) -> np.ndarray:
+    """``fn(items)`` (per-image floats, e.g. box coverage), item by item where it fails; NaN for an image
+    that cannot be read (the run records it as an error when it reaches the image)."""
+    try:
+        return np.asarray(fn(items), dtype=np.float64)
+    except Exception:
+        out = []
+        for it in items:
+            try:
+                out.append(float(np.asarray(fn([it]), dtype=np.float64)[0]))
+            except Exception:
+                out.append(float("nan"))
+        return np.asarray(out, dtype=np.float64)
 
 
 def load_images(model, paths: list) -> torch.Tensor:
@@ -169,6 +168,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     suffix = f".shard-{info.index}-of-{info.count}" if info.sharded else ""
     log = _logger(out / "logs" / f"bench{suffix}.log")
     db_path = out / SHARD_DIR / f"results{suffix}.sqlite" if info.sharded else main_db
+    run_lock: Optional[RunLock] = None
     try:
         # validate methods and metrics before loading anything heavy
         method_infos = {}
@@ -196,10 +196,13 @@ def run_bench(cfg: BenchConfig) -> dict:
                 raise InputError(str(e)) from None
         data.check_metrics(metrics)
 
+        run_lock = RunLock(*lock_paths(out, suffix), log=lambda m: (log.warning(m), print(m, file=sys.stderr)))
+        run_lock.acquire()  # refuses a second runner on the same folder (or shard) with a clear error
         torch.manual_seed(cfg.seed)  # a random-weights model is the same in every process
         model = vitlens.load_model(cfg.model, weights=cfg.weights, device=device, **cfg.model_args)
         model.module.eval()
         data.prepare_model(model)
+        _preflight(cfg, data, model)
         items, cov = select_items(cfg, data, model)
         B = int(cfg.batch_size)
         batches = [items[k:k + B] for k in range(0, len(items), B)]
@@ -231,29 +234,40 @@ def run_bench(cfg: BenchConfig) -> dict:
                           version=version)
         for m in metrics:
             store.put_protocol(m.key, m.name, m.protocol, m.higher_is_better)
-        store.put_meta({"config": cfg.to_dict(), "version": version})
+        store.put_meta({"config": cfg.to_dict(), "version": version, **_class_meta(data)})
         store.put_images([(it.image_id, str(it.path), it.label, it.synset, None if np.isnan(c) else float(c))
                           for it, c in zip(items, cov)])
         log.info("start: %d images selected, %d batches of %d, this shard %d/%d has %d batches; methods %s; "
                  "metrics %s; device %s; version %s", len(items), len(batches), B, info.index, info.count,
                  len(mine), [s.label for s in cfg.methods], cfg.metrics, device, version)
 
-        n_mine = sum(len(b) for b in mine)
-        bar = _Progress(n_mine, cfg.progress, f"bench {info.index}/{info.count}" if info.sharded else "bench")
+        bar, pending = _start_progress(cfg, info, store, mine, run_keys, metrics, log)
         computed = dict(maps=0, rows=0)
+        errors: list[dict] = []
+        t_loop = time.perf_counter()
+        loader = Prefetcher()  # decodes batch k + 1 while batch k computes
         try:
-            with precision_runtime(precision, bool(cfg.compile)):
-                for batch in mine:
+            with precision_runtime(precision, bool(cfg.compile)):  # methods' and metrics' perturbed passes
+                for k, batch in enumerate(mine):
+                    nxt = mine[k + 1] if k + 1 < len(mine) else None
+                    ahead = None
+                    if nxt is not None and any(it.image_id in pending for it in nxt):
+                        def ahead(k=k, nxt=nxt):
+                            loader.submit(k + 1, lambda: _decode(model, data, nxt, log))
                     _run_batch(cfg, model, data, batch, store, run_keys, full_params, metrics, version, bar,
-                               computed, log)
-                    bar.update(len(batch))
+                               computed, log, errors, decoded=loader.take(k), ahead=ahead)
         finally:
+            loader.close()
             bar.close()
             store.close()
-        log.info("shard done: %d maps and %d rows computed", computed["maps"], computed["rows"])
+        # throughput accounting (benchmarks/bench_overhead.py): the loop's wall time vs its calls' own time
+        computed["loop_seconds"] = time.perf_counter() - t_loop
+        computed["compute_seconds"] = sum(bar.secs.values())
+        log.info("shard done: %d maps and %d rows computed, %d errors", computed["maps"], computed["rows"],
+                 len(errors))
         distributed.barrier(info)
         summary = dict(out=str(out), images=len(items), shard=f"{info.index}/{info.count}", **computed,
-                       seconds=time.perf_counter() - t_start, rank=info.rank)
+                       seconds=time.perf_counter() - t_start, rank=info.rank, errors=errors)
         if info.rank == 0 and (info.world > 1 or not info.sharded):
             if info.world > 1:  # every rank passed the barrier: nobody writes the shard files any more
                 base = info.index - info.rank  # this launch's shards: base .. base + world - 1
@@ -262,69 +276,229 @@ def run_bench(cfg: BenchConfig) -> dict:
             if cfg.report:
                 from .report import write_report
 
-                summary["report"] = write_report(out, run_keys=list(run_keys.values()),
-                                                 protocol_keys=[m.key for m in metrics], examples=cfg.examples)
+                # results.md/csv and report.html always show everything the folder's database holds;
+                # this run's own view only when asked (--report-subset: OUT/this-run/)
+                summary["report"] = write_report(out, examples=cfg.examples)
+                if getattr(cfg, "report_subset", False):
+                    summary["subset_report"] = write_report(out, run_keys=list(run_keys.values()),
+                                                            protocol_keys=[m.key for m in metrics],
+                                                            examples=cfg.examples, subset="this-run")
             summary["seconds"] = time.perf_counter() - t_start
         log.info("finished in %.1f s", summary["seconds"])
         return summary
     finally:
+        if run_lock is not None:
+            run_lock.release()
         distributed.finish(created)
 
 
+def _preflight(cfg: BenchConfig, data: BenchData, model) -> None:
+    """Configuration errors that would fail on every image are raised before the run starts (inside the
+    run, failures are recorded per image and skipped, so these must not get that far): the target rule
+    the dataset cannot serve (``label`` without labels) and a dataset that needs a text model."""
+    items = list(getattr(data, "items", []))[:1]
+    if not items:
+        return
+    no_labels = getattr(data, "kind", "") == "imagenet-seg" or all(it.label < 0 for it in data.items)
+    if (cfg.target == "label" and no_labels) or getattr(data, "kind", "") == "openimages":
+        data.targets(cfg.target, model, items, None)  # these rules need no image: raises the dataset's message
+
+
+def _class_meta(data: BenchData) -> dict:
+    """Class names for the report (``LOC_synset_mapping.txt`` order = class index)."""
+    src = getattr(data, "boxes", None)
+    names = getattr(src, "class_names", None) or getattr(data, "class_names", None)
+    if not names:
+        return {}
+    return {"class_names": list(names)}
+
+
+def _start_progress(cfg: BenchConfig, info, store: Store, mine: list, run_keys: dict,
+                    metrics: list[BoundMetric], log: logging.Logger) -> BenchProgress:
+    """Count what this process's images already have, print the start line, start the progress output."""
+    ids = {it.image_id for b in mine for it in b}
+    n = len(ids)
+    maps_total, maps_done, rows_total, rows_done = {}, {}, {}, {}
+    pending: set = set()  # images with some work left
+    for spec in cfg.methods:
+        rk = run_keys[spec.label]
+        maps_total[spec.label] = n
+        have = store.map_ids(rk) & ids
+        maps_done[spec.label] = len(have)
+        pending |= ids - have
+        for m in metrics:
+            rows_total[(m.name, spec.label)] = n
+            have = store.result_ids(rk, m.name, m.key) & ids
+            rows_done[(m.name, spec.label)] = len(have)
+            pending |= ids - have
+    desc = f"bench {info.index}/{info.count}" if info.sharded else "bench"
+    bar = BenchProgress(maps_total, maps_done, rows_total, rows_done, enabled=cfg.progress, log=log, desc=desc)
+    line = (f"{bar.start_line()} ({n} images, {len(cfg.methods)} methods, {len(metrics)} metrics"
+            + (f", shard {info.index}/{info.count}" if info.sharded else "") + f") -> {cfg.out}")
+    bar.emit(line)
+    if not bar.enabled and cfg.progress is not False:  # what a resume found is always shown
+        print(f"vitlens bench: {line}", file=sys.stderr, flush=True)
+    return bar, pending
+
+
+def _image_message(path, e: BaseException) -> str:
+    msg = describe_error(e)
+    return msg if str(path) in msg else f"{msg} ({path})"
+
+
+def _decode(model, data: BenchData, batch: list[Item], log: logging.Logger) -> tuple:
+    """Decode the batch's images and ground truth, image by image where the batch fails (thread-safe:
+    no store access; runs in the :class:`.pipeline.Prefetcher` thread for the next batch)."""
+
+    def load(sel: list) -> tuple:
+        items = [batch[i] for i in sel]
+        return data.load(model, items), data.data_for(items, model.input_size, model.crop_pct)
+
+    return run_isolated(load, range(len(batch)), log=log.warning)
+
+
+def _load_batch(model, data: BenchData, batch: list[Item], store: Store, version: str,
+                log: logging.Logger, errors: list, emit=None,
+                decoded: Optional[tuple] = None) -> tuple[dict, Optional[torch.Tensor], dict]:
+    """The batch decoded (by :func:`_decode`, here or ahead of time); unreadable images recorded.
+
+    Returns ``(row, x, data)``: ``row[i]`` is batch image ``i``'s row in ``x``/``data`` (readable images
+    only); unreadable images are recorded as ``image`` errors and left out."""
+    paths = [it.path for it in batch]
+    chunks, failed = decoded if decoded is not None else _decode(model, data, batch, log)
+    _record(store, [dict(image_id=batch[i].image_id, stage="image", message=_image_message(paths[i], e),
+                         version=version) for i, e in failed.items()], errors, log, emit)
+    if not chunks:
+        return {}, None, {}
+    row, k = {}, 0
+    for c in chunks:
+        for i in c.indices:
+            row[i] = k
+            k += 1
+    x = torch.cat([c.result[0] for c in chunks])
+    d = {key: _concat([c.result[1][key] for c in chunks]) for key in chunks[0].result[1]}
+    store.clear_image_errors([batch[i].image_id for i in row])
+    return row, x, d
+
+
+def _concat(parts: list):
+    """Per-image data of several chunks: tensors concatenated, lists (e.g. box coordinates) joined."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return [v for p in parts for v in p]
+
+
+def _take(v, rows: list):
+    return v[rows] if isinstance(v, torch.Tensor) else [v[r] for r in rows]
+
+
+def _record(store: Store, rows: list, errors: list, log: logging.Logger, emit=None) -> list:
+    """Store failed work as ``errors`` rows and report each one (progress output, else the log file)."""
+    if rows:
+        store.put_errors(rows)
+        errors.extend(rows)
+        for r in rows:
+            what = ("unreadable image" if r["stage"] == "image" else
+                    f"{r.get('metric') or 'method'} on {r.get('label')} failed")
+            line = f"skipped {r['image_id']} ({what}): {r['message']}"
+            if emit is not None:
+                emit(line, logging.WARNING)
+            else:
+                log.warning(line)
+    return rows
+
+
 def _run_batch(cfg: BenchConfig, model, data: BenchData, batch: list[Item], store: Store,
-               run_keys: dict, full_params: dict, metrics: list[BoundMetric], version: str, bar: _Progress,
-               computed: dict, log: logging.Logger) -> None:
+               run_keys: dict, full_params: dict, metrics: list[BoundMetric], version: str, bar: BenchProgress,
+               computed: dict, log: logging.Logger, errors: list, decoded: Optional[tuple] = None,
+               ahead=None) -> None:
+    """Every missing map and row of one batch; failures are recorded (``errors`` rows), never raised.
+    ``decoded``: the batch as :func:`_decode` returns it, if it was decoded ahead of time; ``ahead()``
+    starts decoding the next batch (called once this batch's images are available)."""
     import vitlens
 
     ids = [it.image_id for it in batch]
     cache: dict = {}
 
-    def images() -> torch.Tensor:
-        if "x" not in cache:
-            cache["x"] = data.load(model, batch)
-        return cache["x"]
+    def loaded() -> dict:
+        """Batch index -> row of the decoded images (readable images only); decodes on first use."""
+        if "row" not in cache:
+            cache["row"], cache["x"], cache["data"] = _load_batch(model, data, batch, store, version, log, errors,
+                                                                  bar.emit, decoded)
+            if ahead is not None:
+                ahead()
+        return cache["row"]
 
-    def batch_data() -> dict:
-        if "data" not in cache:
-            cache["data"] = data.data_for(batch, model.input_size, model.crop_pct)
-        return cache["data"]
+    def images(sel: list) -> torch.Tensor:
+        return cache["x"][[loaded()[i] for i in sel]]
+
+    def batch_data(sel: list) -> dict:
+        rows = [loaded()[i] for i in sel]
+        return {k: _take(v, rows) for k, v in cache["data"].items()}
 
     for spec in cfg.methods:
         rk = run_keys[spec.label]
         have = store.done_maps(rk, ids)
         todo = [i for i, iid in enumerate(ids) if iid not in have]
         if todo:
-            x = images()[todo]
-            tg, keep = data.targets(cfg.target, model, [batch[i] for i in todo], x)
-            t0 = time.perf_counter()
-            exp = vitlens.explain(model, x, method=spec.method, target=tg, seed=cfg.seed,
-                                  batch_size=cfg.forward_batch_size, progress=False, **spec.params)
-            secs = time.perf_counter() - t0
-            store.put_maps(rk, [ids[i] for i in todo], exp.targets.tolist() if keep is None else keep, exp.numpy(),
-                           secs, version)
-            bar.timed(spec.label, len(todo), secs)
-            computed["maps"] += len(todo)
-            log.info("maps %s: %d images (%s) in %.2f s", spec.label, len(todo), ids[todo[0]], secs)
+            ok = [i for i in todo if i in loaded()]
+            bar.skip(("map", spec.label), len(todo) - len(ok))
+        if todo and ok:
+            what = f"maps {spec.label}"
+            bar.begin(what, len(ok), ids[ok[0]] if ok else "")
+
+            def explain(sel: list, spec=spec) -> tuple:
+                x = images(sel)
+                tg, keep = data.targets(cfg.target, model, [batch[i] for i in sel], x)
+                exp = vitlens.explain(model, x, method=spec.method, target=tg, seed=cfg.seed,
+                                      batch_size=cfg.forward_batch_size, progress=False, **spec.params)
+                return exp.targets.tolist() if keep is None else keep, exp.numpy()
+
+            chunks, failed = run_isolated(explain, ok, log=log.warning)
+            for c in chunks:
+                store.put_maps(rk, [ids[i] for i in c.indices], c.result[0], c.result[1], c.seconds, version)
+                computed["maps"] += len(c.indices)
+            _record(store, [dict(image_id=ids[i], stage="method", run_key=rk, label=spec.label,
+                                 message=describe_error(e), version=version) for i, e in failed.items()],
+                    errors, log, bar.emit)
+            secs = sum(c.seconds for c in chunks)
+            bar.end(("map", spec.label), what, len(ok) - len(failed), secs, len(failed))
+        have_maps = store.done_maps(rk, ids)
         for m in metrics:
             have = store.done_results(rk, m.name, m.key, ids)
             todo = [i for i, iid in enumerate(ids) if iid not in have]
             if not todo:
                 continue
-            maps, tg = store.get_maps(rk, [ids[i] for i in todo])
-            x = images()[todo]
-            d = {k: v[todo] for k, v in batch_data().items()}
-            t0 = time.perf_counter()
-            res = m(model, x, torch.from_numpy(maps).to(x.device), tg, d, cfg.forward_batch_size,
-                    method=spec.method, method_params=spec.params)
-            secs = time.perf_counter() - t0
-            rows = []
-            for j, i in enumerate(todo):
-                rows.append(dict(run_key=rk, image_id=ids[i], metric=m.name, protocol_key=m.key, model=cfg.model,
-                                 method=spec.label, value=float(res["values"][j]),
-                                 curve=None if res["curves"] is None else res["curves"][j], xs=res["xs"],
-                                 target=tg[j], method_params=full_params[spec.label], protocol=m.protocol,
-                                 version=version, seconds=secs / len(todo)))
-            store.put_results(rows)
-            bar.timed("metrics", len(todo), secs)
-            log.info("%s %s: %d images in %.2f s", m.name, spec.label, len(todo), secs)
-            computed["rows"] += len(rows)
+            ok = [i for i in todo if ids[i] in have_maps and i in loaded()]
+            bar.skip(("row", m.name, spec.label), len(todo) - len(ok))
+            if not ok:
+                continue
+            what = f"{m.name} {spec.label}"
+            bar.begin(what, len(ok), ids[ok[0]])
+
+            def evaluate(sel: list, m=m, rk=rk, spec=spec) -> tuple:
+                maps, tg = store.get_maps(rk, [ids[i] for i in sel])
+                x = images(sel)
+                d = batch_data(sel)
+                res = m(model, x, torch.from_numpy(maps).to(x.device), tg, d, cfg.forward_batch_size,
+                        method=spec.method, method_params=spec.params)
+                return res, tg
+
+            chunks, failed = run_isolated(evaluate, ok, log=log.warning)
+            for c in chunks:
+                res, tg = c.result
+                rows = []
+                for j, i in enumerate(c.indices):
+                    rows.append(dict(run_key=rk, image_id=ids[i], metric=m.name, protocol_key=m.key,
+                                     model=cfg.model, method=spec.label, value=float(res["values"][j]),
+                                     curve=None if res["curves"] is None else res["curves"][j], xs=res["xs"],
+                                     target=tg[j], method_params=full_params[spec.label],
+                                     protocol={**m.protocol, **res.get("protocol", {})},
+                                     version=version, seconds=c.seconds / len(c.indices)))
+                store.put_results(rows)
+                computed["rows"] += len(rows)
+            _record(store, [dict(image_id=ids[i], stage="metric", run_key=rk, metric=m.name, protocol_key=m.key,
+                                 label=spec.label, message=describe_error(e), version=version)
+                            for i, e in failed.items()], errors, log, bar.emit)
+            bar.end(("row", m.name, spec.label), what, len(ok) - len(failed), sum(c.seconds for c in chunks),
+                    len(failed))

@@ -40,8 +40,24 @@ CREATE TABLE IF NOT EXISTS results (
   run_key TEXT, image_id TEXT, metric TEXT, protocol_key TEXT, model TEXT, method TEXT, value REAL,
   curve BLOB, xs BLOB, target INTEGER, method_params TEXT, protocol TEXT, version TEXT, seconds REAL,
   created REAL, PRIMARY KEY (run_key, image_id, metric, protocol_key));
+CREATE TABLE IF NOT EXISTS errors (
+  image_id TEXT, stage TEXT, run_key TEXT, metric TEXT, protocol_key TEXT, label TEXT, message TEXT,
+  version TEXT, created REAL, PRIMARY KEY (image_id, stage, run_key, protocol_key));
 """
-TABLES = ("meta", "runs", "protocols", "images", "maps", "results")
+TABLES = ("meta", "runs", "protocols", "images", "maps", "results", "errors")
+#: ``errors.stage``: the image could not be read ("image"), a method raised on it ("method"), a metric
+#: raised on it ("metric"). ``run_key``/``protocol_key`` are "" where they do not apply. An error row is
+#: removed when the same work later succeeds (:func:`resolve_errors`); failed work is retried by the
+#: next run (it is not "done").
+STAGES = ("image", "method", "metric")
+_RESOLVE = (
+    "DELETE FROM errors WHERE stage='method' AND EXISTS (SELECT 1 FROM maps m WHERE m.run_key=errors.run_key "
+    "AND m.image_id=errors.image_id)",
+    "DELETE FROM errors WHERE stage='metric' AND EXISTS (SELECT 1 FROM results r WHERE r.run_key=errors.run_key "
+    "AND r.image_id=errors.image_id AND r.protocol_key=errors.protocol_key)",
+    "DELETE FROM errors WHERE stage='image' AND EXISTS (SELECT 1 FROM maps m WHERE m.image_id=errors.image_id "
+    "AND m.created > errors.created)",
+)
 
 
 def _jsonable(v: Any) -> Any:
@@ -171,6 +187,8 @@ class Store:
             rows.append((run_key, iid, int(targets[i]), shape, blob, seconds / max(len(image_ids), 1), version, now))
         with Transaction(self.con) as c:
             c.executemany("INSERT OR REPLACE INTO maps VALUES (?,?,?,?,?,?,?,?)", rows)
+            c.executemany("DELETE FROM errors WHERE stage='method' AND run_key=? AND image_id=?",
+                          [(run_key, iid) for iid in image_ids])
 
     def get_maps(self, run_key: str, image_ids: Sequence[str]) -> tuple[np.ndarray, list[int]]:
         """(n, H, W) float32 maps (decoded from float16) and targets, in the order of ``image_ids``."""
@@ -202,6 +220,47 @@ class Store:
                 for r in rows]
         with Transaction(self.con) as c:
             c.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", vals)
+            c.executemany("DELETE FROM errors WHERE stage='metric' AND run_key=? AND image_id=? AND protocol_key=?",
+                          [(r["run_key"], r["image_id"], r["protocol_key"]) for r in rows])
+
+    # -- errors -------------------------------------------------------------------------------------
+    def put_errors(self, rows: Sequence[dict]) -> None:
+        """Record failed work: dicts with image_id, stage (see ``STAGES``), run_key, metric, protocol_key,
+        label, message, version (missing keys: "")."""
+        now = time.time()
+        vals = [(r["image_id"], r["stage"], r.get("run_key") or "", r.get("metric") or "",
+                 r.get("protocol_key") or "", r.get("label") or "", str(r.get("message", ""))[:2000],
+                 r.get("version") or "", now) for r in rows]
+        with Transaction(self.con) as c:
+            c.executemany("INSERT OR REPLACE INTO errors VALUES (?,?,?,?,?,?,?,?,?)", vals)
+
+    def clear_image_errors(self, image_ids: Sequence[str]) -> None:
+        """The images were read successfully: drop their "image" error rows."""
+        if not image_ids:
+            return
+        with Transaction(self.con) as c:
+            c.executemany("DELETE FROM errors WHERE stage='image' AND image_id=?", [(i,) for i in image_ids])
+
+    # -- what is done (whole runs, for the start line) -------------------------------------------------
+    def map_ids(self, run_key: str) -> set[str]:
+        out: set[str] = set()
+        for c in self._all():
+            out.update(r[0] for r in c.execute("SELECT image_id FROM maps WHERE run_key=?", (run_key,)))
+        return out
+
+    def result_ids(self, run_key: str, metric: str, protocol_key: str) -> set[str]:
+        out: set[str] = set()
+        for c in self._all():
+            out.update(r[0] for r in c.execute("SELECT image_id FROM results WHERE run_key=? AND metric=? AND "
+                                               "protocol_key=?", (run_key, metric, protocol_key)))
+        return out
+
+
+def resolve_errors(con: sqlite3.Connection) -> None:
+    """Drop error rows whose work has since succeeded (e.g. in another shard or a later run)."""
+    with Transaction(con) as c:
+        for q in _RESOLVE:
+            c.execute(q)
 
 
 def merge_into(main: Path, shards: Sequence[Path], remove: bool = True) -> int:
@@ -224,6 +283,7 @@ def merge_into(main: Path, shards: Sequence[Path], remove: bool = True) -> int:
             finally:
                 con.execute("DETACH DATABASE shard")
             n += 1
+            resolve_errors(con)
             if remove:
                 for suffix in ("", "-wal", "-shm"):
                     p = Path(str(s) + suffix)

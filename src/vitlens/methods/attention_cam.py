@@ -8,6 +8,15 @@ With s the target score and A (B, heads, T, T) the attention probabilities of bl
 
 ``grad_mean="all"`` averages the gradient over the whole (T, T) map instead of the CLS row's patch
 columns (an option; the default follows the reference code).
+
+Named variants (``variant=``; the individual options, when given, override them):
+
+* ``"chefer"`` (default): Chefer et al.'s ``Baselines.generate_cam_attn``
+  (``baselines/ViT/ViT_explanation_generator.py``): ``grad_mean="cls_row"``, mean over heads, ReLU.
+* ``"legrad"``: LeGrad's supplementary eq. 10 (the AttentionCAM row of LeGrad's tables): the head
+  weight is the gradient averaged over *all* positions of the (T, T) map, the weighted CLS rows are
+  *summed* over heads, and no ReLU is applied:
+  ``E = sum_h mean_{i,j}(∂s/∂A_h[i, j]) · A_h[cls, patches]``.
 """
 from __future__ import annotations
 
@@ -21,23 +30,39 @@ from ._attention_utils import capture, layer_index, require_cls, score_kind, to_
 from .base import MethodResult, register
 
 
+VARIANTS = {"chefer": dict(grad_mean="cls_row", relu=True, head_reduce="mean"),
+            "legrad": dict(grad_mean="all", relu=False, head_reduce="sum")}
+
+
 @register("attention_cam", kind="gradient", token_level=True,
           description="Head-weighted last-block CLS attention, head weights = mean attention gradient (LeGrad supp. eq. 10)")
 def attention_cam(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
                   batch_size: Optional[int] = None, progress: Optional[bool] = None, score: str = "auto",
-                  layer: int = -1, grad_mean: str = "cls_row", relu: bool = True) -> MethodResult:
+                  layer: int = -1, variant: str = "chefer", grad_mean: Optional[str] = None,
+                  relu: Optional[bool] = None, head_reduce: Optional[str] = None) -> MethodResult:
     """AttentionCAM map.
 
     Args:
         score: ``"auto"`` (= logit), ``"prob"`` or ``"similarity"``; the map is invariant to a
             positive rescaling of the score.
         layer: block whose attention is used (default -1, the last).
-        grad_mean: ``"cls_row"`` (mean of the gradient over the CLS row's patch columns) or ``"all"``.
-        relu: clamp the map at 0 (Grad-CAM's ReLU).
+        variant: ``"chefer"`` (default) or ``"legrad"`` (LeGrad supp. eq. 10), see the module docstring.
+        grad_mean: ``"cls_row"`` (mean of the gradient over the CLS row's patch columns) or ``"all"``
+            (default: from ``variant``).
+        relu: clamp the map at 0 (Grad-CAM's ReLU) (default: from ``variant``).
+        head_reduce: ``"mean"`` or ``"sum"`` over heads (default: from ``variant``).
     Needs a CLS token.
     """
     cls = require_cls(adapter, "attention_cam")
     l = layer_index(adapter, layer, "attention_cam")
+    if variant not in VARIANTS:
+        raise InputError(f"attention_cam: variant must be one of {', '.join(VARIANTS)}, got '{variant}'.")
+    preset = VARIANTS[variant]
+    grad_mean = preset["grad_mean"] if grad_mean is None else grad_mean
+    relu = preset["relu"] if relu is None else bool(relu)
+    head_reduce = preset["head_reduce"] if head_reduce is None else head_reduce
+    if head_reduce not in ("mean", "sum"):
+        raise InputError(f"attention_cam: head_reduce must be 'mean' or 'sum', got '{head_reduce}'.")
     if grad_mean not in ("cls_row", "all"):
         raise InputError(f"attention_cam: grad_mean must be 'cls_row' or 'all', got '{grad_mean}'.")
     cap = capture(adapter, x, target, sites={"attn": [l]}, grad_of=[("attn", l)], score=score)
@@ -45,8 +70,10 @@ def attention_cam(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional
     g = cap.grads[("attn", l)].float()
     P = adapter.num_prefix_tokens
     w = g[:, :, cls, P:].mean(-1) if grad_mean == "cls_row" else g.mean((-1, -2))  # (B, H)
-    cam = (w[:, :, None] * a[:, :, cls, :]).mean(1)
+    cam = (w[:, :, None] * a[:, :, cls, :])
+    cam = cam.mean(1) if head_reduce == "mean" else cam.sum(1)
     if relu:
         cam = cam.clamp(min=0)
     return MethodResult(target=cap.target, token_maps=to_grid(adapter, x, cam), outputs=cap.outputs,
-                        extras={"layer": l, "score": score_kind(score)})
+                        extras={"layer": l, "score": score_kind(score), "variant": variant, "grad_mean": grad_mean,
+                                "relu": relu, "head_reduce": head_reduce})

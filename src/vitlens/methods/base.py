@@ -67,7 +67,10 @@ def get_method(name: str) -> MethodInfo:
 
     _discover()
     if name not in _REGISTRY:
-        raise UnknownMethodError(f"unknown method '{name}'; available: {', '.join(sorted(_REGISTRY))}.")
+        from ..errors import did_you_mean
+
+        raise UnknownMethodError(f"unknown method '{name}'.{did_you_mean(name, _REGISTRY)} "
+                                 f"The available methods: {', '.join(sorted(_REGISTRY))}.")
     return _REGISTRY[name]
 
 

@@ -4,17 +4,18 @@ Vision Transformers via Feature Formation Sensitivity", arXiv 2404.03214 / ICCV 
 For every selected layer l, with Z^l the tokens after block l and A^l its post-softmax attention
 (heads x T x T, T = prefix + patch tokens):
 
-* s^l is the target score read from Z^l by the model's *own* final norm, pooling and head
+* s^l is the target score read from Z^l by the model's final norm, pooling and head
   (``adapter.head``: CLS token, average pool, both heads of a distilled DeiT averaged as the model
-  does, CLIP's final LayerNorm + projection; then ``adapter.score``);
+  does, CLIP's final LayerNorm + projection; then ``adapter.score``) -- for CLIP-style models by
+  default with the released code's pooling (see ``pooling`` below);
 * eq. (5)/(7): E^l = mean over heads h and query rows i of ReLU(d s^l / d A^l)[h, i, :], keeping the
   patch columns;
 * eq. (8): E = mean over the selected layers of E^l; min-max normalised and bilinearly upsampled by
   :func:`vitlens.explain`.
 
-Attentional poolers (``pool == "map"``, SigLIP): A^l is the pooler's attention (heads x latent x N)
-when the pooler is applied to Z^l (the paper's variant for such models; the blocks' own attention is
-not used), averaged over heads and latent queries.
+Attentional poolers (``pool == "map"``, SigLIP; the paper's "Adaptation to Attentional Pooler"): A^l
+is the pooler's attention (heads x latent x N) when the pooler is applied to Z^l (the blocks' own
+attention is not used), averaged over heads and latent queries (SigLIP has one latent query).
 
 Implementation: one forward pass. Each selected block is run on its *detached* input, and its
 attention probabilities are replaced by a detached leaf, so s^l depends on A^l only through block l;
@@ -23,23 +24,38 @@ backward, no ``create_graph``). Several targets per image (classes or prompts) a
 together with batched vector-Jacobian products (``is_grads_batched``), without copying the image.
 Parameters and position embeddings are never modified.
 
-Protocol choices (documented deviations):
+Protocol choices (paper vs the released code, ``legrad/wrapper.py`` of WalBouss/LeGrad = package
+``legrad-torch`` 1.1; where they differ, the name of the option says which one it is):
 
 * Score: the paper differentiates the target's activation, i.e. the class *logit* for classifiers
-  (default ``score="auto"`` -> ``"logit"`` for classes); for text prompts the authors' code
+  (default ``score="auto"`` -> ``"logit"`` for classes); for text prompts the released code
   differentiates the cosine similarity between the normalised image embedding and the normalised
   text embedding (``"similarity"``, the default for prompts). ``"prob"`` is available.
-* Pooling: the paper reads each layer with the model's pooling (``pooling="model"``, default). The
-  authors' CLIP code instead averages *all* tokens (CLS included) before ``ln_post`` and the
-  projection: ``pooling="mean"``.
-* Layers: all by default (the method as written in the paper); ``layers=k`` the last k, a float
-  in (0, 1] that fraction of the last layers (the paper finds ~0.4 a good trade-off), or explicit
-  indices (negative allowed). The authors' CLIP code uses the last two (``layers=2``).
-* Background correction (SigLIP, supplementary): the map for the prompt ``correction_prompt``
-  (default "a photo of"; the authors' code uses "a photo of a") is computed with the same layers,
-  min-max normalised, and the target map is set to 0 where it exceeds ``correction_threshold``
-  (0.8) before the final normalisation. On by default only for text-capable models with an
-  attentional pooler (SigLIP); needs text prompts.
+* Layers (``layers=``): default ``"paper"``, the last 40 % of the blocks (``ceil(0.4 L)``; Sec. 4.3.1
+  finds this the trade-off between the last layer alone and all layers: 5 of 12 blocks for ViT-B);
+  ``"all"`` is eq. (8) as written (every block); ``"released"`` is the released code's choice,
+  ``LeWrapper(model, layer_index=-2)``: the last two blocks (``wrapper.py`` ``starting_depth``). An int
+  k means the last k blocks, a float in (0, 1] that fraction of the blocks from the end, a list
+  explicit block indices (negatives from the end). ``None`` = the default.
+* Pooling (``pooling=``): ``"auto"`` (default) = ``"released"`` for text (CLIP-style) models and
+  ``"model"`` for classifiers.
+  ``"model"`` reads every layer with the model's own head (CLS token / average pool / both DeiT
+  heads / the attentional pooler after the final norm) -- the paper's description.
+  ``"released"`` is what the released code does for the published vision-language numbers:
+  for CLS-token models (open_clip ``VisionTransformer``, Hugging Face ``CLIPModel``)
+  ``compute_legrad_clip`` averages *all* tokens of the layer (class token included,
+  ``feat_post_mlp.mean(dim=0)`` over the token axis), then applies the final LayerNorm ``ln_post``
+  and the projection ``proj``; the same as ``"mean"`` (every token replaced by the mean, then the
+  model's head). For attentional poolers (SigLIP) ``compute_legrad_siglip`` feeds the pooler the
+  block output *without* the trunk's final norm (``attn_pool(blk.feat_post_mlp)``), and reads the
+  gradient of the pooler's attention, latent query 0, mean over heads.
+* Background correction (SigLIP, supplementary; ``compute_legrad_siglip``): the map for the prompt
+  ``correction_prompt`` (default ``"a photo of a"``, the released code's ``_init_empty_embedding``)
+  is computed with the same layers, min-max normalised, and the target map is set to 0 where it
+  exceeds ``correction_threshold`` (0.8) before the final normalisation. On by default only for
+  text-capable models with an attentional pooler (SigLIP); needs text prompts. The released code
+  differentiates the *sum* of the similarities of all prompts given in one call (one map per image);
+  here every prompt gets its own map (identical for a single prompt).
 """
 from __future__ import annotations
 
@@ -56,16 +72,28 @@ from ..models.base import ViTAdapter
 from ..models.targets import Target
 from .base import MethodResult, register
 
-LayersLike = Union[None, int, float, Sequence[int]]
+LayersLike = Union[None, str, int, float, Sequence[int]]
+LAYER_PRESETS = ("paper", "all", "released")
+PAPER_FRACTION = 0.4  # Sec. 4.3.1: the last 40 % of the blocks
+RELEASED_LAST = 2  # wrapper.py: LeWrapper(model, layer_index=-2)
+POOLINGS = ("auto", "model", "released", "mean")
 
 
 def select_layers(layers: LayersLike, num_blocks: int) -> list[int]:
-    """Sorted unique block indices from ``layers`` (None: all; int k: last k; float f: last
-    ceil(f * L); sequence: explicit indices, negatives counted from the end)."""
-    if layers is None:
+    """Sorted unique block indices from ``layers``: ``"paper"`` / None (last ceil(0.4 L)), ``"all"``,
+    ``"released"`` (last 2), int k (last k), float f (last ceil(f * L)), or a sequence of indices
+    (negatives counted from the end)."""
+    if layers is None or layers == "paper":
+        layers = PAPER_FRACTION
+    elif layers == "all":
         return list(range(num_blocks))
+    elif layers == "released":
+        layers = min(RELEASED_LAST, num_blocks)
+    elif isinstance(layers, str):
+        raise InputError(f"LeGrad layers={layers!r}: use one of {', '.join(LAYER_PRESETS)}, a count, a fraction "
+                         "or a list of block indices.")
     if isinstance(layers, bool):
-        raise InputError("LeGrad layers must be None, a count, a fraction or a list of block indices.")
+        raise InputError("LeGrad layers must be a preset name, a count, a fraction or a list of block indices.")
     if isinstance(layers, float):
         if not 0.0 < layers <= 1.0:
             raise InputError(f"LeGrad layers={layers}: a fraction must lie in (0, 1].")
@@ -82,6 +110,21 @@ def select_layers(layers: LayersLike, num_blocks: int) -> list[int]:
     if bad:
         raise InputError(f"LeGrad layers {bad} out of range: the model has {num_blocks} blocks (0..{num_blocks - 1}).")
     return sorted({i % num_blocks for i in idx})
+
+
+def resolve_pooling(adapter: ViTAdapter, pooling: str) -> str:
+    """``pooling`` -> ``"model"``, ``"mean"`` (token mean, then the model's head) or ``"pooler-prenorm"``
+    (attentional pooler fed the blocks' output without the final norm)."""
+    if pooling not in POOLINGS:
+        raise InputError(f"LeGrad pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}.")
+    if pooling == "auto":
+        pooling = "released" if adapter.supports_text else "model"
+    if pooling == "released":
+        return "pooler-prenorm" if adapter.pool == "map" else "mean"
+    if pooling == "mean" and adapter.pool == "map":
+        raise InputError("LeGrad pooling='mean' replaces the tokens by their mean before a CLS/average head; "
+                         "for an attentional pooler use 'model' or 'released'.")
+    return pooling
 
 
 def _flatten_targets(target, batch: int) -> tuple[object, int]:
@@ -175,7 +218,7 @@ def _chunk_self_attention(adapter: ViTAdapter, x: Tensor, sel: list[int], poolin
     return outputs, leaves, outs
 
 
-def _chunk_pooler(adapter: ViTAdapter, x: Tensor, sel: list[int]):
+def _chunk_pooler(adapter: ViTAdapter, x: Tensor, sel: list[int], final_norm: bool = True):
     """Attentional pooler variant: the blocks run once without gradients; the pooler is applied to
     every selected layer's tokens at once with its attention as the (single) leaf."""
     with torch.no_grad():
@@ -188,7 +231,7 @@ def _chunk_pooler(adapter: ViTAdapter, x: Tensor, sel: list[int]):
         return leaf[0]
 
     with torch.enable_grad():
-        outs = adapter.head_with_pool_attention(feats, grab).reshape(len(sel), x.shape[0], -1)
+        outs = adapter.head_with_pool_attention(feats, grab, final_norm=final_norm).reshape(len(sel), x.shape[0], -1)
     return tr.outputs, leaf, outs
 
 
@@ -209,28 +252,30 @@ def _relevance(grads: list[Tensor], pooler: bool, S: int, b: int, first_col: int
 @register("legrad", kind="gradient", token_level=True,
           description="LeGrad: layer-wise gradients w.r.t. attention maps (Bousselham et al. 2024)")
 def legrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
-           batch_size: Optional[int] = None, progress: Optional[bool] = None, layers: LayersLike = None,
-           score: str = "auto", pooling: str = "model", correction: Optional[bool] = None,
-           correction_prompt: str = "a photo of", correction_threshold: float = 0.8) -> MethodResult:
+           batch_size: Optional[int] = None, progress: Optional[bool] = None, layers: LayersLike = "paper",
+           score: str = "auto", pooling: str = "auto", correction: Optional[bool] = None,
+           correction_prompt: str = "a photo of a", correction_threshold: float = 0.8) -> MethodResult:
     """LeGrad saliency (deterministic; ``seed`` is unused).
 
     Args:
         target: as in :func:`vitlens.explain`; additionally a list of lists (one list of K targets
             per image) or, for a single image, a list of K targets gives K maps per image
             (image-major), computed from one forward pass with batched gradients.
-        layers: None (all blocks, the paper), a count from the end, a fraction of the blocks from the
-            end, or explicit block indices.
+        layers: ``"paper"`` (default: the last 40 % of the blocks, Sec. 4.3.1), ``"all"`` (eq. 8 as
+            written), ``"released"`` (the last 2 blocks, the released code's ``layer_index=-2``), a
+            count from the end, a fraction of the blocks from the end, or explicit block indices.
         score: ``"auto"`` (logit for classes, cosine similarity for prompts), ``"logit"``, ``"prob"``,
             ``"similarity"``.
-        pooling: ``"model"`` (the model's own pooling, the paper) or ``"mean"`` (mean of all tokens,
-            the authors' CLIP code). Ignored for attentional poolers.
+        pooling: ``"auto"`` (``"released"`` for text models, ``"model"`` for classifiers), ``"model"``
+            (the model's own head, the paper), ``"released"`` (the released code: CLS models average
+            all tokens before ``ln_post`` + projection; attentional poolers get the block output
+            without the final norm) or ``"mean"`` (token mean, then the model's head).
         correction: SigLIP background correction (None: on for text models with an attentional pooler).
         correction_prompt, correction_threshold: its prompt and threshold.
         batch_size: images per forward/backward pass (automatic when None).
     """
     adapter.require("attention blocks", bool(adapter.blocks), "legrad")
-    if pooling not in ("model", "mean"):
-        raise InputError(f"LeGrad pooling must be 'model' or 'mean', got {pooling!r}.")
+    pool_mode = resolve_pooling(adapter, pooling)
     if score not in ("auto", "logit", "prob", "similarity"):
         raise InputError(f"unknown score kind '{score}'; choose auto, logit, prob or similarity.")
     pooler = adapter.pool == "map"
@@ -258,9 +303,9 @@ def legrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] =
             xb = x[sl]
             b = xb.shape[0]
             if pooler:
-                outputs, leaves, feats = _chunk_pooler(adapter, xb, sel)
+                outputs, leaves, feats = _chunk_pooler(adapter, xb, sel, final_norm=pool_mode != "pooler-prenorm")
             else:
-                outputs, leaves, feats = _chunk_self_attention(adapter, xb, sel, pooling)
+                outputs, leaves, feats = _chunk_self_attention(adapter, xb, sel, pool_mode)
             if tgt_all is None:
                 tb = adapter.resolve_target(None, outputs=outputs, batch=b)
             else:
@@ -282,7 +327,7 @@ def legrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] =
             bar.update(b)
     gh, gw = adapter.grid_size(x)
     tgt = _cat_targets(tgts)
-    extras = {"layers": sel, "score": kind, "pooling": "pooler-attention" if pooler else pooling,
+    extras = {"layers": sel, "score": kind, "pooling": pool_mode if not pooler or pool_mode != "model" else "pooler-attention",
               "correction": bool(correction), "targets_per_image": K}
     return MethodResult(target=tgt, token_maps=torch.cat(maps, 0).reshape(B * K, gh, gw),
                         outputs=torch.cat(outs_all, 0).detach(), extras=extras)

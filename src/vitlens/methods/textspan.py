@@ -89,6 +89,8 @@ def textspan(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int]
     cls = require_cls(adapter, "textspan")
     adapter.require("CLS-token pooling (the embedding must be the normalised CLS token)", adapter.pool == "cls",
                     "textspan")
+    adapter.require("a head on the CLS token alone (distilled DeiT averages two token heads)",
+                    not getattr(adapter, "distilled", False), "textspan")
     L = adapter.num_blocks
     n = L if n_layers is None else int(n_layers)
     if not 1 <= n <= L:

@@ -96,7 +96,10 @@ def get_metric(name: str) -> MetricInfo:
     """The registered metric ``name`` (raises :class:`UnknownMethodError` naming the choices)."""
     _discover()
     if name not in _REGISTRY:
-        raise UnknownMethodError(f"unknown metric '{name}'; available: {', '.join(sorted(_REGISTRY))}.")
+        from ..errors import did_you_mean
+
+        raise UnknownMethodError(f"unknown metric '{name}'.{did_you_mean(name, _REGISTRY)} "
+                                 f"The available metrics: {', '.join(sorted(_REGISTRY))}.")
     return _REGISTRY[name]
 
 

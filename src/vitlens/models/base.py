@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .._validate import check_images
 from ..errors import InputError, TargetError, UnsupportedModelError
 from .blocks import BlockSpec, Hook, run_block
-from .targets import SCORE_KINDS, Target, TargetLike
+from .targets import SCORE_KINDS, Target, TargetLike, check_target_like
 
 
 @dataclass
@@ -146,6 +146,15 @@ class ViTAdapter:
         """Tokens entering block 0: (B, P+N, D), prefix tokens first, position embedding added,
         pre-norm applied."""
         raise NotImplementedError
+
+    def embed_parts(self, x: Tensor) -> dict:
+        """The pieces of :meth:`embed`, for relevance propagation to the pixels (optional):
+        ``conv`` (the patch-embedding ``nn.Conv2d``), ``patches`` (B, N, D) its flattened output,
+        ``prefix`` (B, P, D) the prefix tokens before the position embedding, ``pos`` (1, P+N, D) the
+        added position embedding, ``post`` the norm applied to the sum (or None), so that
+        ``embed(x) == post(cat(prefix, patches) + pos)``."""
+        raise UnsupportedModelError(f"{self.describe()} does not expose its patch embedding "
+                                    "(needed for relevance at the input pixels).")
 
     def head(self, tokens: Tensor) -> Tensor:
         """Model output from the tokens after the last block (final norm, pooling, head).
@@ -284,6 +293,17 @@ class ViTAdapter:
                 return i
         return None
 
+    def _class_suggestions(self, name: str) -> str:
+        from ..errors import did_you_mean
+
+        if not self.class_names:
+            return ""
+        short = {}  # every comma-separated synonym ("tench", "Tinca tinca") -> its full class name
+        for c in self.class_names:
+            for s in c.split(","):
+                short.setdefault(s.strip().lower(), s.strip())
+        return did_you_mean(name.strip().lower(), short).replace("?", "? (class names: model.class_names)")
+
     def resolve_target(self, target: TargetLike, x: Optional[Tensor] = None,
                        outputs: Optional[Tensor] = None, batch: Optional[int] = None) -> Target:
         """Turn the user's ``target`` into a :class:`Target` for a batch.
@@ -294,6 +314,7 @@ class ViTAdapter:
         """
         if isinstance(target, Target):
             return target
+        target = check_target_like(target)  # one-line errors for floats, bools, float tensors...
         if batch is None:
             batch = outputs.shape[0] if outputs is not None else (x.shape[0] if x is not None else 1)
         dev = self.device
@@ -327,7 +348,8 @@ class ViTAdapter:
                     index.append(-1); labels.append(it); is_text.append(True); prompts.append(it)
                 else:
                     raise TargetError(f"'{it}' is not a class name of {self.describe()}"
-                                      " (and it is not a CLIP-style model, so text prompts are not accepted).")
+                                      " (and it is not a CLIP-style model, so text prompts are not accepted)."
+                                      + self._class_suggestions(it))
             else:
                 i = int(it)
                 n = self.num_classes

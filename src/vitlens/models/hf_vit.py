@@ -88,3 +88,11 @@ class HFViTAdapter(ViTAdapter):
 
     def head(self, tokens: Tensor) -> Tensor:
         return self.module.classifier(self.body.layernorm(tokens)[:, 0])
+
+    def embed_parts(self, x: Tensor) -> dict:
+        """Pieces of :meth:`embed`: see :meth:`TimmViTAdapter.embed_parts`."""
+        emb = self.body.embeddings
+        conv = emb.patch_embeddings.projection
+        t = conv(x.to(conv.weight.dtype)).flatten(2).transpose(1, 2)
+        return dict(conv=conv, patches=t, prefix=emb.cls_token.expand(t.shape[0], -1, -1).to(t.dtype),
+                    pos=emb.position_embeddings.to(t.dtype), post=None)

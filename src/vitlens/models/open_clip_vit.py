@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import TargetError, UnsupportedModelError
 from .base import ViTAdapter
+from .clip_common import CLIPTextMixin
 from .targets import Target
 from .torchvision_vit import _mha_block_spec
 
@@ -21,11 +22,10 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class OpenCLIPAdapter(ViTAdapter):
+class OpenCLIPAdapter(CLIPTextMixin, ViTAdapter):
     """open_clip ``CLIP`` / ``CustomTextCLIP`` whose ``visual`` is an open_clip ``VisionTransformer``."""
 
     family = "open_clip"
-    supports_text = True
 
     def __init__(self, module: nn.Module, tokenizer: Optional[Callable] = None,
                  class_names: Optional[Sequence[str]] = None, template: str = "a photo of a {}."):
@@ -37,7 +37,7 @@ class OpenCLIPAdapter(ViTAdapter):
             if not hasattr(v, need):
                 raise UnsupportedModelError(
                     f"open_clip image tower {type(v).__name__} is not a VisionTransformer (no '{need}'); "
-                    "timm-backed towers (e.g. SigLIP) are wrapped through their timm trunk.")
+                    "timm-backed towers (e.g. SigLIP) are handled by OpenCLIPTimmAdapter.")
         if getattr(v, "attn_pool", None) is not None:
             raise UnsupportedModelError("open_clip VisionTransformer with an attentional pooler (CoCa) is not supported.")
         self.visual = v
@@ -63,23 +63,13 @@ class OpenCLIPAdapter(ViTAdapter):
             import open_clip
 
             tokenizer = open_clip.tokenize
-        self.tokenizer = tokenizer
-        self.template = template
-        self._class_text: Optional[Tensor] = None
-        if class_names is not None:
-            self.set_classes(class_names, template)
+        if tokenizer is False:  # no usable tokenizer: text prompts raise a clear error
+            tokenizer = None
+        self._init_text(tokenizer, class_names, template)
 
-    # ---------------------------------------------------------------- vocabulary
-    def set_classes(self, class_names: Sequence[str], template: str = "a photo of a {}.") -> None:
-        """Use ``class_names`` (prompted with ``template``) as a zero-shot class vocabulary."""
-        self.class_names = list(class_names)
-        self.template = template
-        self._class_text = self.encode_text([template.format(c) for c in self.class_names])
-
-    @torch.no_grad()
-    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+    def _text_features(self, prompts: Sequence[str]) -> Tensor:
         tokens = self.tokenizer(list(prompts)).to(self.device)
-        return F.normalize(self.module.encode_text(tokens).float(), dim=-1)
+        return self.module.encode_text(tokens)
 
     # ---------------------------------------------------------------- forward pieces
     def embed(self, x: Tensor) -> Tensor:
@@ -91,6 +81,14 @@ class OpenCLIPAdapter(ViTAdapter):
         t = v.patch_dropout(t)
         return v.ln_pre(t)
 
+    def embed_parts(self, x: Tensor) -> dict:
+        """Pieces of :meth:`embed` (``post`` = ``ln_pre``): see :meth:`TimmViTAdapter.embed_parts`."""
+        v = self.visual
+        t = v.conv1(x)
+        t = t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(t.dtype).reshape(1, 1, -1).expand(t.shape[0], -1, -1)
+        return dict(conv=v.conv1, patches=t, prefix=cls, pos=v.positional_embedding.to(t.dtype)[None], post=v.ln_pre)
+
     def head(self, tokens: Tensor) -> Tensor:
         v = self.visual
         if self.final_ln_after_pool:
@@ -99,31 +97,3 @@ class OpenCLIPAdapter(ViTAdapter):
             t = v.ln_post(tokens)
             pooled = t[:, 1:].mean(1) if self.pool == "avg" else t[:, 0]
         return pooled @ v.proj if v.proj is not None else pooled
-
-    # ---------------------------------------------------------------- scores
-    @property
-    def logit_scale(self) -> Tensor:
-        ls = getattr(self.module, "logit_scale", None)
-        return ls.exp() if ls is not None else torch.tensor(100.0)
-
-    def class_logits(self, outputs: Tensor) -> Tensor:
-        if self._class_text is None:
-            raise TargetError("this CLIP model has no class vocabulary: call set_classes(names) or use text prompts.")
-        img = F.normalize(outputs.float(), dim=-1)
-        return self.logit_scale.to(img.device) * img @ self._class_text.to(img.device).T
-
-    def score(self, outputs: Tensor, target: Target, kind: str = "auto") -> Tensor:
-        if not target.any_text:
-            if kind == "similarity":
-                img = F.normalize(outputs.float(), dim=-1)
-                txt = self._class_text.to(img.device)[target.index.to(img.device)]
-                return (img * txt).sum(-1)
-            return super().score(outputs, target, kind)
-        if not bool(target.is_text.all()):
-            raise TargetError("mixing class indices and text prompts in one batch is not supported.")
-        if kind == "prob":
-            raise TargetError("score='prob' is undefined for a free-text prompt (a softmax over one prompt); "
-                              "use 'similarity' or 'logit', or set a class vocabulary.")
-        img = F.normalize(outputs.float(), dim=-1)
-        sim = (img * target.text.to(img.device, img.dtype)).sum(-1)
-        return sim * self.logit_scale.to(img.device) if kind == "logit" else sim

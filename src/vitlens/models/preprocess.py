@@ -8,22 +8,125 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+_UNIT_SLACK = 1e-3  # float pixels up to 1 + this are read as [0, 1] (rounding of a [0, 1] image)
 
 
-def load_image(src: ImageLike) -> Image.Image:
-    """Open an image from a path, a PIL image or an (H, W[, C]) uint8/float array, as RGB."""
+def _background(background: str) -> tuple[int, int, int]:
+    if background not in BACKGROUNDS:
+        raise InputError(f"background='{background}' is not one of {', '.join(BACKGROUNDS)} "
+                         "(the colour transparent pixels are composited on).")
+    return BACKGROUNDS[background]
+
+
+def _to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
+    """Pixel values -> uint8 with the range the dtype implies (see :func:`load_image`)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16 or arr.dtype == np.dtype(">u2"):
+        return np.round(arr.astype(np.float64) / 257.0).astype(np.uint8)  # 65535 -> 255
+    if np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{what} has integer dtype {arr.dtype}, whose pixel range is ambiguous: cast it to "
+                         "uint8 (0-255) or uint16 (0-65535) to say which range it uses.")
+    if np.issubdtype(arr.dtype, np.floating):
+        a = arr.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise InputError(f"{what} contains NaN or infinite values.")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo < 0:
+            raise InputError(f"{what} has negative values (min {lo:.3g}): it looks normalised already. Give pixels "
+                             "in [0, 1] or [0, 255] to preprocess, or pass a normalised (B, 3, H, W) batch to explain.")
+        if hi <= 1 + _UNIT_SLACK:
+            return np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
+        if hi <= 255:
+            return np.round(a).astype(np.uint8)
+        raise InputError(f"{what} has float values up to {hi:.3g}: pixels must be in [0, 1] or [0, 255] "
+                         "(for 16-bit data give a uint16 array).")
+    raise InputError(f"{what} has unsupported dtype {arr.dtype}; give uint8, uint16 or float pixels.")
+
+
+def _array_to_pil(arr: np.ndarray, what: str, background: str, channels_first: bool = False) -> Image.Image:
+    """(H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4 -> RGB PIL image. Arrays are read channels-last
+    unless only the first axis can be channels; tensors (``channels_first``) the other way round."""
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and (channels_first or arr.shape[-1] not in (1, 3, 4)):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise InputError(f"{what} has shape {tuple(arr.shape)}: expected (H, W), (H, W, 3|4) or (3|4, H, W) pixels.")
+    if min(arr.shape[:2]) == 0:
+        raise InputError(f"{what} is empty (shape {tuple(arr.shape)}).")
+    u8 = np.ascontiguousarray(_to_uint8(arr, what))
+    if u8.ndim == 2:
+        return Image.fromarray(u8, mode="L").convert("RGB")
+    if u8.shape[-1] == 4:
+        return _composite(Image.fromarray(u8, mode="RGBA"), background)
+    return Image.fromarray(u8, mode="RGB")
+
+
+def _composite(rgba: Image.Image, background: str) -> Image.Image:
+    """Alpha-composite an RGBA image on a plain background (what a viewer shows on that background)."""
+    bg = Image.new("RGBA", rgba.size, _background(background) + (255,))
+    return Image.alpha_composite(bg, rgba).convert("RGB")
+
+
+def _pil_to_rgb(im: Image.Image, background: str = "white", what: str = "image") -> Image.Image:
+    """Any PIL mode -> the 8-bit RGB image a viewer shows.
+
+    16-bit and 32-bit integer greyscale (``I;16``, ``I;16B``, ``I``) are scaled from 0-65535 (``convert``
+    would clip them at 255: an all-white image); float (``F``) is read as [0, 1] or [0, 255] like float
+    arrays; palette, LA, RGBA and images with a transparency key are composited on ``background``;
+    CMYK, YCbCr, 1-bit and the rest go through PIL's own conversion."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im)
+        if mode == "I":  # 32-bit container of 16-bit data (PNG, TIFF): clip to the 16-bit range
+            a = np.clip(a, 0, 65535)
+        return _array_to_pil(a.astype(np.uint16), what, background)
+    if mode == "F":
+        return _array_to_pil(np.asarray(im, dtype=np.float32), what, background)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        return _composite(im.convert("RGBA"), background)
+    if mode == "RGB":
+        return im.copy()
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise InputError(f"cannot convert {what} from PIL mode {mode} to RGB: {e}") from None
+
+
+def load_image(src: ImageLike, background: str = "white") -> Image.Image:
+    """Open an image as the 8-bit RGB image a viewer shows.
+
+    Args:
+        src: a path; a PIL image (any mode, its current frame); an (H, W), (H, W, C) or (C, H, W) numpy array
+            or torch tensor (C = 1, 3 or 4; arrays are read channels-last and tensors channels-first when both
+            fit) of ``uint8`` (0-255), ``uint16`` (0-65535) or float pixels in [0, 1] or [0, 255]
+            (float values up to 1.001 are read as [0, 1]; negative values, values above 255 and other
+            integer dtypes raise :class:`InputError`, as their range is ambiguous).
+        background: ``"white"`` (default) or ``"black"``: what transparent pixels (RGBA, LA, palette with
+            transparency) are composited on.
+
+    Files: the EXIF orientation is applied (``ImageOps.exif_transpose``), animated images give their first
+    frame, and every PIL mode is converted as in :func:`_pil_to_rgb` (16-bit greyscale is scaled, not clipped).
+    """
+    _background(background)
     if isinstance(src, Image.Image):
-        return src.convert("RGB")
+        return _pil_to_rgb(src, background)
+    if isinstance(src, torch.Tensor):
+        return _array_to_pil(src.detach().cpu().numpy(), f"tensor of shape {tuple(src.shape)}", background,
+                             channels_first=True)
     if isinstance(src, np.ndarray):
-        arr = src
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
+        return _array_to_pil(src, f"array of shape {src.shape}", background)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.exists():
@@ -32,10 +135,24 @@ def load_image(src: ImageLike) -> Image.Image:
             raise InputError(f"{path} is a folder, not an image file.")
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
+                if getattr(im, "n_frames", 1) > 1:
+                    im.seek(0)  # animated: the first frame
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _pil_to_rgb(im, background, what=str(path))
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise InputError(f"cannot read image {path}: {e}. Is it an image file PIL can open?") from None
+        except Image.DecompressionBombError as e:
             raise InputError(f"cannot read image {path}: {e}") from None
-    raise InputError(f"cannot interpret {type(src).__name__} as an image (give a path, PIL image or array).")
+    raise InputError(f"cannot interpret {type(src).__name__} as an image (give a path, PIL image, array or tensor).")
+
+
+def image_size(path: Union[str, os.PathLike]) -> tuple[int, int]:
+    """(width, height) of an image file as :func:`load_image` shows it (EXIF orientation applied)."""
+    with Image.open(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def eval_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
@@ -57,15 +174,21 @@ def eval_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[f
 def preprocess_images(images: Union[ImageLike, Iterable[ImageLike]], size: tuple[int, int],
                       mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875,
                       interpolation: str = "bicubic",
-                      transform: Optional[Callable[[Image.Image], torch.Tensor]] = None) -> torch.Tensor:
-    """Load and transform one image or a list of them into a (B, 3, H, W) batch."""
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+                      transform: Optional[Callable[[Image.Image], torch.Tensor]] = None,
+                      background: str = "white") -> torch.Tensor:
+    """Load and transform one image or a list of them into a (B, 3, H, W) batch.
+
+    A 4-D array / tensor is a batch of images ((B, H, W, C) or (B, C, H, W)); see :func:`load_image` for
+    the accepted formats, pixel ranges and ``background`` (what transparent pixels are composited on)."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        images = list(images)
+    elif isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
         images = [images]
     images = list(images)
     if not images:
         raise InputError("no images given.")
     tf = transform or eval_transform(size, mean, std, crop_pct, interpolation)
-    return torch.stack([tf(load_image(im)) for im in images])
+    return torch.stack([tf(load_image(im, background)) for im in images])
 
 
 def denormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -84,3 +84,40 @@ class Target:
     def to(self, device: Union[str, torch.device]) -> "Target":
         return Target(self.index.to(device), list(self.labels),
                       None if self.text is None else self.text.to(device), self.is_text.to(device))
+
+
+def check_target_like(target) -> TargetLike:
+    """Reject targets that are neither ``None``, a class index, a class name / prompt nor a sequence of
+    those with a one-line :class:`~vitlens.errors.TargetError` (e.g. ``target=3.5``); return ``target``
+    with tensors and arrays of integers turned into lists."""
+    from ..errors import TargetError
+
+    def bad(v) -> TargetError:
+        if isinstance(v, float):
+            return TargetError(f"target {v!r} is a float: give a class index as an int (e.g. target={int(v)}), "
+                               "a class name or a text prompt.")
+        if isinstance(v, bool):
+            return TargetError(f"target {v!r} is a bool: give a class index (int), a class name or a text prompt.")
+        return TargetError(f"target {v!r} ({type(v).__name__}) is neither a class index (int), a class name nor "
+                           "a text prompt.")
+
+    def ok_item(v) -> bool:
+        return (isinstance(v, (int, str)) or hasattr(v, "__index__")) and not isinstance(v, bool)
+
+    if target is None or isinstance(target, Target):
+        return target
+    if isinstance(target, Tensor) or type(target).__module__ == "numpy":
+        t = torch.as_tensor(target)
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TargetError(f"target tensor/array has dtype {t.dtype}: class indices must be integers.")
+        return t.reshape(-1).tolist()
+    if isinstance(target, (list, tuple)):
+        if not target:
+            raise TargetError("target is an empty list: give one target, or one per image.")
+        for v in target:
+            if not ok_item(v):
+                raise bad(v)
+        return target
+    if not ok_item(target):
+        raise bad(target)
+    return target

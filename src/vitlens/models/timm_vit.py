@@ -105,6 +105,34 @@ class TimmViTAdapter(ViTAdapter):
         m = self.module
         return m.forward_head(m.norm(tokens))
 
+    def embed_parts(self, x: Tensor) -> dict:
+        """The pieces of :meth:`embed` (for relevance propagation down to the pixels): ``conv`` the
+        patch-embedding convolution, ``patches`` its flattened output (B, N, D), ``prefix`` the prefix
+        tokens (B, P, D) before the position embedding, ``pos`` (1, P+N, D) the added position
+        embedding (zeros where none is added) and ``post`` the norm applied after the sum (or None).
+        ``embed(x) == post(cat(prefix, patches) + pos)``."""
+        m = self.module
+        pe = m.patch_embed
+        if self.dynamic_size or not isinstance(getattr(pe, "norm", nn.Identity()), nn.Identity) \
+                or not isinstance(getattr(pe, "proj", None), nn.Conv2d):
+            raise UnsupportedModelError(f"{self.describe()}: relevance to the pixels needs a plain Conv2d patch "
+                                        "embedding at a fixed input size.")
+        t = pe(x)
+        B, N, D = t.shape
+        pre = [tok.expand(B, -1, -1) for tok in (getattr(m, "cls_token", None), getattr(m, "dist_token", None),
+                                                 getattr(m, "reg_token", None)) if tok is not None]
+        prefix = torch.cat(pre, 1) if pre else t[:, :0]
+        P = prefix.shape[1]
+        if m.pos_embed is None:
+            pos = torch.zeros(1, P + N, D, dtype=t.dtype, device=t.device)
+        elif getattr(m, "no_embed_class", False):
+            pos = torch.cat([torch.zeros(1, P, D, dtype=t.dtype, device=t.device), m.pos_embed.to(t.dtype)], 1)
+        else:
+            pos = m.pos_embed.to(t.dtype)
+        post = getattr(m, "norm_pre", None)
+        return dict(conv=pe.proj, patches=t, prefix=prefix.to(t.dtype), pos=pos,
+                    post=None if post is None or isinstance(post, nn.Identity) else post)
+
     # ------------------------------------------------------------------ attentional pooler (additive)
     @property
     def pool_prefix_columns(self) -> int:
@@ -113,14 +141,16 @@ class TimmViTAdapter(ViTAdapter):
         m = self.module
         return self.num_prefix_tokens if getattr(m, "pool_include_prefix", False) else 0
 
-    def head_with_pool_attention(self, tokens: Tensor, attn_hook=None) -> Tensor:
+    def head_with_pool_attention(self, tokens: Tensor, attn_hook=None, final_norm: bool = True) -> Tensor:
         """:meth:`head` for ``pool == "map"`` models (timm ``AttentionPoolLatent``, as in SigLIP) with
         the pooler's attention computed explicitly.
 
         ``attn_hook(probs)`` receives the pooler's post-softmax attention (B, heads, latent_len, N_in)
         (``N_in`` = the tokens fed to the pooler: patch tokens, led by :attr:`pool_prefix_columns`
         prefix tokens) and may return a replacement (e.g. a leaf that requires grad). Equal to
-        :meth:`head` up to float error; nothing is modified in place.
+        :meth:`head` up to float error; nothing is modified in place. ``final_norm=False`` feeds the
+        pooler the tokens without the trunk's final norm (what LeGrad's released SigLIP code does,
+        ``legrad/wrapper.py`` ``compute_legrad_siglip``: ``attn_pool(blk.feat_post_mlp)``).
         """
         from .blocks import attention_probs
 
@@ -128,7 +158,7 @@ class TimmViTAdapter(ViTAdapter):
         pool = getattr(m, "attn_pool", None)
         if pool is None:
             raise UnsupportedModelError(f"{self.describe()} has no attentional pooler (pool='{self.pool}').")
-        x = m.norm(tokens)
+        x = m.norm(tokens) if final_norm else tokens
         if not getattr(m, "pool_include_prefix", False):
             x = x[:, self.num_prefix_tokens:]
         B, N, C = x.shape

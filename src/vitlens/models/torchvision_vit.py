@@ -77,3 +77,10 @@ class TorchvisionViTAdapter(ViTAdapter):
     def head(self, tokens: Tensor) -> Tensor:
         m = self.module
         return m.heads(m.encoder.ln(tokens)[:, 0])
+
+    def embed_parts(self, x: Tensor) -> dict:
+        """Pieces of :meth:`embed`: see :meth:`TimmViTAdapter.embed_parts`."""
+        m = self.module
+        t = m._process_input(x)
+        return dict(conv=m.conv_proj, patches=t, prefix=m.class_token.expand(t.shape[0], -1, -1).to(t.dtype),
+                    pos=m.encoder.pos_embedding.to(t.dtype), post=None)

@@ -1,6 +1,7 @@
 """Insertion + deletion on the real ViT-Ti against the bare cost of the same number of forward passes.
 
     python benchmarks/metrics_speed.py --images 2 --threads 1 [--device cuda] [--batch-size 64]
+        [--precision bf16] [--compile]
 
 Both are timed in the same run on the same images and batch size: the metric (building every step's
 images, forward passes, scoring) and plain ``adapter.forward`` on the same count of pre-built images.
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--figures", action="store_true")
     ap.add_argument("--methods", default="tis")
+    ap.add_argument("--precision", default="fp32", help="of the metric's and the bare forward passes")
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,6 +90,7 @@ def main() -> None:
         return figures(args)
     from vitlens.batching import batch_slices, resolve_batch_size
     from vitlens.metrics import deletion, insertion
+    from vitlens.precision import perturbed_forward, runtime
 
     model = shared_model()
     model.module.to(args.device)
@@ -105,21 +109,23 @@ def main() -> None:
     for _ in range(args.repeats):
         _sync(dev)
         t0 = time.perf_counter()
-        ins = insertion(model, x, maps, labels, n_steps=args.n_steps, batch_size=bs, progress=False)
-        dele = deletion(model, x, maps, labels, n_steps=args.n_steps, batch_size=bs, progress=False)
+        run = dict(n_steps=args.n_steps, batch_size=bs, progress=False, precision=args.precision, compile=args.compile)
+        ins = insertion(model, x, maps, labels, **run)
+        dele = deletion(model, x, maps, labels, **run)
         _sync(dev)
         best_metric = min(best_metric, time.perf_counter() - t0)
         batch = x[:1].expand(bs, -1, -1, -1).contiguous()
         _sync(dev)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), runtime(args.precision, args.compile):
             for _ in range(2):
                 for sl in batch_slices(n_imgs // 2, bs):
-                    model.forward(batch[: sl.stop - sl.start])
+                    perturbed_forward(model, batch[: sl.stop - sl.start])
         _sync(dev)
         best_bare = min(best_bare, time.perf_counter() - t0)
     res = dict(images=len(ids), n_steps=args.n_steps, forward_passes=n_imgs, batch_size=bs,
-               device=str(dev), threads=torch.get_num_threads(), metric_s=round(best_metric, 3),
+               device=str(dev), threads=torch.get_num_threads(), precision=args.precision, compile=args.compile,
+               metric_s=round(best_metric, 3),
                bare_forward_s=round(best_bare, 3), ratio=round(best_metric / best_bare, 3),
                insertion=[round(float(v), 4) for v in ins.values], deletion=[round(float(v), 4) for v in dele.values])
     print(json.dumps(res), flush=True)

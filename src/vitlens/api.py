@@ -1,6 +1,7 @@
 """The top-level ``vitlens.explain`` and ``vitlens.methods`` functions."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional, Union
 
 import torch
@@ -20,7 +21,8 @@ def methods() -> list[str]:
 
 def explain(model: Union[ViTAdapter, nn.Module], x: Tensor, method: str = "tis", target: TargetLike = None,
             *, seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,
-            normalise: bool = True, with_scores: bool = False, **params) -> Explanation:
+            normalise: bool = True, with_scores: bool = False, precision: Optional[str] = None,
+            compile: Optional[bool] = None, **params) -> Explanation:
     """Explain the model's decision on a batch of images.
 
     Args:
@@ -35,6 +37,11 @@ def explain(model: Union[ViTAdapter, nn.Module], x: Tensor, method: str = "tis",
         normalise: min-max normalise each map to [0, 1] (a constant map becomes 0).
         with_scores: also report the target's probability (similarity for prompts) on the clean
             image, computing one extra forward pass if the method did not.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for the perturbed forward passes of
+            perturbation methods (default: fp32 on the CPU, bf16 on CUDA; see :mod:`vitlens.precision`).
+            Gradient/attention methods stay fp32 unless a precision is given here explicitly, which
+            runs the whole method under autocast.
+        compile: ``torch.compile`` the batched forward paths (falls back to eager with a warning).
         **params: method parameters (see each method's docstring).
     Returns:
         an :class:`Explanation`; ``maps`` are at input resolution (token maps are upsampled bilinearly).
@@ -47,7 +54,12 @@ def explain(model: Union[ViTAdapter, nn.Module], x: Tensor, method: str = "tis",
         raise InputError(f"unknown parameter(s) for method '{method}': {', '.join(sorted(unknown))}."
                          f"{did_you_mean(first, info.defaults)} It accepts: {', '.join(sorted(info.defaults)) or 'none'}.")
     x = adapter.check_input(x)
-    res = info.fn(adapter, x, target, seed=seed, batch_size=batch_size, progress=progress, **params)
+    from .precision import autocast, check_precision, runtime
+
+    explicit = check_precision(precision)
+    whole = autocast(x.device, explicit) if explicit is not None and info.kind != "perturbation" else nullcontext()
+    with runtime(explicit, compile), whole:
+        res = info.fn(adapter, x, target, seed=seed, batch_size=batch_size, progress=progress, **params)
     size = tuple(x.shape[-2:])
     token_maps = res.token_maps
     if token_maps is not None:
@@ -76,6 +88,8 @@ def explain(model: Union[ViTAdapter, nn.Module], x: Tensor, method: str = "tis",
     full = dict(info.defaults)
     full.update(params)
     full["seed"] = seed
+    if explicit is not None:
+        full["precision"] = explicit
     return Explanation(maps=maps, token_maps=token_maps, targets=res.target.index.detach().cpu(),
                        labels=list(res.target.labels), method=method, params=full, scores=scores,
                        extras=res.extras)

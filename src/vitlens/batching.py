@@ -22,7 +22,9 @@ def resolve_batch_size(requested: Optional[int], adapter, tokens: int, total: in
     ``requested`` wins when given (must be >= 1). Otherwise, on CUDA the batch is sized so that its
     activations (``tokens x embed_dim x activations_per_token`` floats per input, a generous bound
     on a ViT block's live intermediates plus the heads x tokens^2 attention) use at most half of the free
-    memory; on the CPU a fixed activation budget that keeps the working set cache-friendly.
+    memory (2 bytes per element when the forward passes run at bf16/fp16, see :mod:`vitlens.precision`;
+    a batch that still runs out of memory is halved and retried there); on the CPU a fixed activation
+    budget that keeps the working set cache-friendly.
     """
     if requested is not None:
         if int(requested) < 1:
@@ -32,8 +34,10 @@ def resolve_batch_size(requested: Optional[int], adapter, tokens: int, total: in
     per_input = tokens * (width * activations_per_token + adapter.num_heads * tokens * 2)
     dev = adapter.device
     if dev.type == "cuda":
+        from .precision import element_bytes
+
         free, _ = torch.cuda.mem_get_info(dev)
-        budget = free * CUDA_MEMORY_FRACTION / torch.finfo(adapter.dtype).bits * 8
+        budget = free * CUDA_MEMORY_FRACTION / element_bytes(adapter)
     else:
         budget = CPU_ACTIVATION_BUDGET
     return int(max(1, min(total, budget // max(per_input, 1))))

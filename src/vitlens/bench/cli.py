@@ -34,6 +34,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["label", "predicted"], help="class to explain (default: label)")
     p.add_argument("--batch-size", type=int, help="images per explain()/metric call and per shard unit (default 8)")
     p.add_argument("--forward-batch-size", type=int, help="forward passes per batch inside methods/metrics")
+    p.add_argument("--precision", help="fp32 | bf16 | fp16 for the perturbed forward passes of methods and metrics "
+                   "(default: fp32 on CPU, bf16 on CUDA; gradient methods stay fp32)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the batched forward paths (falls back to eager with a warning)")
     p.add_argument("--seed", type=int, help="seed of every random choice in methods and metrics (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -101,6 +105,7 @@ def bench_main(args: argparse.Namespace) -> int:
         cli = dict(model=args.model, weights=args.weights, data=args.data, dataset=args.dataset, methods=args.methods,
                    metrics=args.metrics, limit=args.limit, max_box_fraction=args.max_box_fraction,
                    target=args.target, batch_size=args.batch_size, forward_batch_size=args.forward_batch_size,
+                   precision=args.precision, compile=args.compile,
                    seed=args.seed, device=args.device, threads=args.threads, shard=args.shard, resume=args.resume,
                    report=args.report, examples=args.examples, progress=args.progress, out=args.out,
                    preset=args.preset, report_subset=args.report_subset, transform=args.transform,

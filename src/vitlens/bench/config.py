@@ -58,6 +58,8 @@ class BenchConfig:
     target: str = "label"                                # "label" (ground truth) | "predicted"
     batch_size: int = 8                                  # images per explain()/metric call (the shard unit)
     forward_batch_size: Optional[int] = None             # forward passes per batch inside methods/metrics
+    precision: Optional[str] = None                      # fp32|bf16|fp16 perturbed forwards (None: fp32 CPU, bf16 CUDA)
+    compile: bool = False                                # torch.compile the batched forward paths
     seed: int = 0
     device: str = "auto"
     threads: Optional[int] = None
@@ -88,6 +90,9 @@ class BenchConfig:
                                  f"known: {', '.join(KINDS)}.")
         if self.target not in ("label", "predicted"):
             raise InputError(f"target must be 'label' or 'predicted', got '{self.target}'.")
+        from ..precision import check_precision
+
+        self.precision = check_precision(self.precision)
         if int(self.batch_size) < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
         from ..data.subsets import SUBSETS

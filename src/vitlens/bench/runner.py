@@ -33,6 +33,7 @@ import torch
 
 from ..errors import InputError
 from . import distributed
+from ..precision import resolve_precision, runtime as precision_runtime
 from .config import BenchConfig, MethodSpec
 from .datasets import BenchDataset as BenchData, Item, metrics_for, open_dataset
 from .faults import describe_error, run_isolated
@@ -44,7 +45,7 @@ from .store import Store, key_of, merge_into
 
 MAIN_DB = "results.sqlite"
 RAW_SUFFIX = ":raw"  # run key suffix of the raw native-resolution maps (float32) in the maps table
-_RUNTIME = ("seed", "batch_size", "progress")  # explain() arguments that are not method parameters
+_RUNTIME = ("seed", "batch_size", "progress", "precision", "compile")  # explain() arguments, not method parameters
 SHARD_DIR = "shards"
 
 
@@ -262,18 +263,20 @@ def run_bench(cfg: BenchConfig) -> dict:
 
             merge_shards(out)
         store = Store(db_path, also=[main_db])
+        precision = resolve_precision(cfg.precision, device)
         run_keys: dict[str, str] = {}
         full_params: dict[str, dict] = {}
         for spec in cfg.methods:
             params = {k: v for k, v in method_infos[spec.label].defaults.items() if k not in _RUNTIME}
             params.update(spec.params)
             full_params[spec.label] = params
-            run_keys[spec.label] = key_of(dict(model=cfg.model, weights=wid, model_args=cfg.model_args,
-                                               method=spec.method, params=params, seed=cfg.seed,
-                                               target=cfg.target, input_size=list(model.input_size),
-                                               # the data pipeline changes the maps; "model" keeps old keys
-                                               **({} if cfg.transform == "model" else
-                                                  {"transform": cfg.transform})))
+            key = dict(model=cfg.model, weights=wid, model_args=cfg.model_args, method=spec.method, params=params,
+                       seed=cfg.seed, target=cfg.target, input_size=list(model.input_size))
+            if precision != "fp32":  # reduced-precision maps and rows are a different run (fp32 keys unchanged)
+                key["precision"] = precision
+            if cfg.transform != "model":  # the data pipeline changes the maps ("model" keeps old keys)
+                key["transform"] = cfg.transform
+            run_keys[spec.label] = key_of(key)
             store.put_run(run_keys[spec.label], label=spec.label, model=cfg.model, weights=wid, method=spec.method,
                           method_params=params, target_rule=cfg.target, seed=cfg.seed, model_info=model_info,
                           version=version)
@@ -292,14 +295,15 @@ def run_bench(cfg: BenchConfig) -> dict:
         t_loop = time.perf_counter()
         loader = Prefetcher()  # decodes batch k + 1 while batch k computes
         try:
-            for k, batch in enumerate(mine):
-                nxt = mine[k + 1] if k + 1 < len(mine) else None
-                ahead = None
-                if nxt is not None and any(it.image_id in pending for it in nxt):
-                    def ahead(k=k, nxt=nxt):
-                        loader.submit(k + 1, lambda: _decode(model, data, nxt, log))
-                _run_batch(cfg, model, data, batch, store, run_keys, full_params, metrics, version, bar,
-                           computed, log, errors, decoded=loader.take(k), ahead=ahead)
+            with precision_runtime(precision, bool(cfg.compile)):  # methods' and metrics' perturbed passes
+                for k, batch in enumerate(mine):
+                    nxt = mine[k + 1] if k + 1 < len(mine) else None
+                    ahead = None
+                    if nxt is not None and any(it.image_id in pending for it in nxt):
+                        def ahead(k=k, nxt=nxt):
+                            loader.submit(k + 1, lambda: _decode(model, data, nxt, log))
+                    _run_batch(cfg, model, data, batch, store, run_keys, full_params, metrics, version, bar,
+                               computed, log, errors, decoded=loader.take(k), ahead=ahead)
         finally:
             loader.close()
             bar.close()

@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..models.base import ViTAdapter
 from ..models.blocks import Hook
 from ..models.targets import Target
+from ..precision import perturbed_forward
 
 BaselineLike = Union[str, float, int]
 BASELINES = ("zero", "black")
@@ -63,10 +64,16 @@ def row_targets(tgt: Target, image_index: Tensor) -> Target:
     return tgt.select(image_index)
 
 
-def row_scores(adapter: ViTAdapter, inputs: Tensor, tgt: Target, image_index: Tensor, kind: str) -> Tensor:
-    """Score (float32, (n,)) of a batch of perturbed images, row ``r`` for image ``image_index[r]``."""
-    out = adapter.forward(inputs)
-    return adapter.score(out, row_targets(tgt, image_index), kind).float()
+def row_scores(adapter: ViTAdapter, inputs: Tensor, tgt: Target, image_index: Optional[Tensor], kind: str) -> Tensor:
+    """Score (float32, (n,)) of a batch of perturbed images.
+
+    Row ``r`` is scored for image ``image_index[r]``; with ``image_index=None``, ``tgt`` already holds one
+    target per row (e.g. ``tgt.repeat_interleave(n).select(slice)``, which stays on the device). The
+    forward pass follows the current precision / compile settings (:func:`vitlens.precision.perturbed_forward`,
+    float32 outputs, so the softmax and the scores are float32)."""
+    out = perturbed_forward(adapter, inputs)
+    rows = tgt if image_index is None else row_targets(tgt, image_index)
+    return adapter.score(out, rows, kind).float()
 
 
 def tokens_per_input(adapter: ViTAdapter, x: Tensor) -> int:

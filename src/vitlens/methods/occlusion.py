@@ -14,7 +14,9 @@ only when the stride does not tile the image) get 0.
 
 Protocol choices: the baseline is 0 of the normalised tensor by default (``"zero"``: the mean colour,
 the grey square of the paper and Captum's default), ``"black"`` or any constant; f is
-``adapter.score`` (softmax probability by default; cosine similarity for CLIP text prompts).
+``adapter.score`` (softmax probability by default; cosine similarity for CLIP text prompts). The occluded
+images' forward passes follow ``explain(..., precision=, compile=)`` (:mod:`vitlens.precision`); the clean
+score and the averages are float32.
 """
 from __future__ import annotations
 
@@ -70,13 +72,14 @@ def occlusion(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int
     total = B * n
     bs = resolve_batch_size(batch_size, adapter, tokens_per_input(adapter, x), total)
     acc = torch.zeros(B, H, W, device=x.device, dtype=torch.float32)
+    rows_tgt = tgt.repeat_interleave(n)  # row r explains image r // n; sliced on the device below
     with torch.no_grad(), progress_bar(total, "Occlusion windows", progress, unit="img") as bar:
         for sl in batch_slices(total, bs):
             rows = torch.arange(sl.start, sl.stop, device=x.device)
             img, k = rows // n, rows % n
             m = (row_in[k // nx][:, :, None] & col_in[k % nx][:, None, :]).to(x.dtype)  # (b, H, W) 1 = hidden
             inputs = x[img] + m[:, None] * (base - x[img])
-            drop = clean[img] - row_scores(adapter, inputs, tgt, img, kind)
+            drop = clean[img] - row_scores(adapter, inputs, rows_tgt.select(sl), None, kind)
             acc.index_add_(0, img, drop[:, None, None] * m.float())
             bar.update(sl.stop - sl.start)
     sal = torch.where(count > 0, acc / count.clamp_min(1), torch.zeros_like(acc))

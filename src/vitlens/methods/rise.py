@@ -22,6 +22,8 @@ Protocol choices:
   N = 4000 masks of 224 x 224 never sit in memory at once.
 * f is ``adapter.score``: the target's softmax probability by default (paper), ``"logit"``, or the
   cosine similarity for CLIP text prompts.
+* the masked images' forward passes follow ``explain(..., precision=, compile=)`` (:mod:`vitlens.precision`;
+  default fp32 on the CPU, bf16 on CUDA); the scores and the sum of eq. 6 are float32.
 """
 from __future__ import annotations
 
@@ -130,6 +132,9 @@ def rise(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0
     total = B * n
     bs = resolve_batch_size(batch_size, adapter, tokens_per_input(adapter, x), total)
     sal = torch.zeros(B, H, W, device=x.device, dtype=torch.float32)
+    rows_tgt = tgt.repeat_interleave(n)  # row r explains image r // n; sliced on the device below
+    if grids is not None:  # the (small) grids go to the device once, not per batch
+        grids, shifts = grids.to(x.device), shifts.to(x.device)
     with torch.no_grad(), progress_bar(total, "RISE masks", progress, unit="img") as bar:
         for sl in batch_slices(total, bs):
             rows = torch.arange(sl.start, sl.stop, device=x.device)
@@ -137,10 +142,9 @@ def rise(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0
             if fixed is not None:
                 m = fixed[mid]
             else:
-                mc = mid.cpu()
-                m = rise_masks_from_grids(grids[mc], shifts[mc], (H, W), device=x.device, dtype=x.dtype)
+                m = rise_masks_from_grids(grids[mid], shifts[mid], (H, W), device=x.device, dtype=x.dtype)
             inputs = base + m[:, None] * (x[img] - base)
-            w = row_scores(adapter, inputs, tgt, img, kind)
+            w = row_scores(adapter, inputs, rows_tgt.select(sl), None, kind)
             sal.index_add_(0, img, w[:, None, None] * m.float())
             bar.update(sl.stop - sl.start)
     sal /= n * p

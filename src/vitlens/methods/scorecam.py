@@ -18,6 +18,8 @@ Layer: by default the output of the last block's first LayerNorm (``layer=-1, si
 the ``blocks[-1].norm1`` target layer of the ViT-CX code and of pytorch-grad-cam for ViTs); any block
 and canonical hook site can be chosen. The map is token-level (gh, gw); :func:`vitlens.explain`
 upsamples it. f is ``adapter.score`` (probability by default; cosine similarity for CLIP prompts).
+The masked images' forward passes follow ``explain(..., precision=, compile=)`` (:mod:`vitlens.precision`);
+the features come from the clean pass at the model's dtype and the weights are float32.
 """
 from __future__ import annotations
 
@@ -91,13 +93,14 @@ def scorecam(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int]
     masked_scores = torch.empty(total, device=x.device, dtype=torch.float32)
     with torch.no_grad():
         base_scores = row_scores(adapter, base.expand(B, -1, H, W), tgt, torch.arange(B, device=x.device), kind)
+        rows_tgt = tgt.repeat_interleave(D)  # row r explains image r // D; sliced on the device below
         with progress_bar(total, "Score-CAM channels", progress, unit="img") as bar:
             for sl in batch_slices(total, bs):
                 rows = torch.arange(sl.start, sl.stop, device=x.device)
                 img, ch = rows // D, rows % D
                 m = channel_masks(maps[img, ch], (H, W)).to(x.dtype)
                 inputs = base + m[:, None] * (x[img] - base)
-                masked_scores[sl] = row_scores(adapter, inputs, tgt, img, kind)
+                masked_scores[sl] = row_scores(adapter, inputs, rows_tgt.select(sl), None, kind)
                 bar.update(sl.stop - sl.start)
     s = masked_scores.reshape(B, D)
     alpha = s - base_scores[:, None] if weights == "cic" else s.softmax(-1)

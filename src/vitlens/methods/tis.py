@@ -14,6 +14,8 @@ For each image:
 * eq. (5): saliency = sum_j w_j M_j / sum_j M_j, tokens covered by no mask get 0.
 
 All masks of all images run as batched gathers of the embedded tokens; no mask is applied in pixel space.
+The subset forward passes follow ``explain(..., precision=, compile=)`` (:mod:`vitlens.precision`);
+the clean pass that feeds K-Means, the K-Means itself, the scores and eq. (5) stay float32.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ..batching import batch_slices, progress as progress_bar, resolve_batch_siz
 from ..errors import InputError
 from ..kmeans import kmeans
 from ..models.base import ViTAdapter
+from ..precision import perturbed_subset
 from .base import MethodResult, register
 
 
@@ -112,7 +115,7 @@ def tis(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
         weights = torch.empty(total, device=x.device, dtype=torch.float32)
         with progress_bar(total, "TIS masks", progress, unit="mask") as bar:
             for sl in batch_slices(total, bs):
-                out = adapter.forward_subset(tr.embedded, flat_keep[sl], image_index[sl])
+                out = perturbed_subset(adapter, tr.embedded, flat_keep[sl], image_index[sl])
                 weights[sl] = adapter.score(out, rep.select(sl), kind).float()
                 bar.update(sl.stop - sl.start)
         weights = weights.reshape(B, n_m)

@@ -48,7 +48,9 @@ Ablation switches (paper Table 2): ``masks="all"`` (no clustering: all D ViT mas
 ``masks="random"`` (random masks, see :func:`random_masks`), ``causal_score="plain"``
 (s_i = f(y | X * M_i), no noise), ``pcb=False`` (S = sum_i s_i M_i).
 
-All masked and noised inputs run batched on the model's device; no backward pass, no model copies.
+All masked and noised inputs run batched on the model's device at the run's precision
+(:mod:`vitlens.precision`; the clean pass giving the features and f(y | X) stays at the model's dtype);
+no backward pass, no model copies.
 Only the D x D distance matrix goes to the CPU for SciPy's hierarchical clustering.
 """
 from __future__ import annotations
@@ -64,6 +66,7 @@ from ..batching import batch_slices, generator, progress as progress_bar, resolv
 from ..errors import InputError
 from ..models.base import ViTAdapter
 from ..models.targets import Target
+from ..precision import perturbed_forward
 from .base import MethodResult, register
 
 DELTA_VIT = 0.1
@@ -270,19 +273,22 @@ def vitcx(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 
         flat_masks = torch.cat(all_masks)  # (total, H, W)
         scores = torch.empty(total, dtype=torch.float32, device=dev)
         noise: dict[int, Tensor] = {}
+        img_of_dev = img_of.to(dev)  # once: no host-device copies inside the mask loop
+        rows_tgt = tgt.select(img_of)
+        img_of_list = img_of.tolist()  # owner lookups of the noise cache without tensor reads in the loop
         with progress_bar(total, "ViT-CX masks", progress, unit="mask") as bar:
             for sl in batch_slices(total, bs):
                 M = flat_masks[sl].to(x.dtype)[:, None]  # (n, 1, H, W)
-                owners = img_of[sl].to(dev)
+                owners = img_of_dev[sl]
                 imgs = x[owners]
-                rep = tgt.select(img_of[sl])
+                rep = rows_tgt.select(sl)
                 if causal_score == "plain":
-                    out = adapter.forward(imgs * M)
+                    out = perturbed_forward(adapter, imgs * M)
                     scores[sl] = adapter.score(out, rep, kind).float()
                 else:
-                    Z = _noise_slice(noise, sl, img_of, starts, counts, (C, H, W), sigma, seed, x)
+                    Z = _noise_slice(noise, sl, img_of_list, starts, counts, (C, H, W), sigma, seed, x)
                     eps = (1 - M) * Z
-                    out = adapter.forward(torch.cat([imgs * M + eps, imgs + eps]))
+                    out = perturbed_forward(adapter, torch.cat([imgs * M + eps, imgs + eps]))
                     s = adapter.score(out, _twice(rep), kind).float()
                     n = M.shape[0]
                     scores[sl] = s[:n] - s[n:] + clean[owners]
@@ -304,7 +310,7 @@ def _twice(t: Target) -> Target:
                   is_text=torch.cat([t.is_text, t.is_text]))
 
 
-def _noise_slice(cache: dict, sl: slice, img_of: Tensor, starts: list[int], counts: list[int],
+def _noise_slice(cache: dict, sl: slice, img_of: Sequence[int], starts: list[int], counts: list[int],
                  shape: tuple[int, int, int], sigma: float, seed: Optional[int], x: Tensor) -> Tensor:
     """Z for the masks ``sl`` of the flat (image-major) mask list.
 

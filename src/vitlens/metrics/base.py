@@ -24,7 +24,7 @@ from torch import Tensor
 from ..errors import InputError, UnknownMethodError
 
 #: keyword arguments of every metric that are not part of its protocol
-RUNTIME_KWARGS = ("batch_size", "progress")
+RUNTIME_KWARGS = ("batch_size", "progress", "precision", "compile")
 
 
 @dataclass

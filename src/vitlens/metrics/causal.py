@@ -68,6 +68,9 @@ Named protocols:
     ``evaluate.py`` applies torchvision ``Resize`` to the stored raw map): pass ``raw_maps`` (B, h, w)
     (``vitlens bench`` does, from the raw maps it stores); without it ``maps`` is ranked.
 
+``precision`` (``"fp32"`` | ``"bf16"`` | ``"fp16"``, default fp32 on the CPU, bf16 on CUDA) and ``compile``
+apply to the curves' forward passes (:mod:`vitlens.precision`); scores, softmax and AUC stay float32.
+
 All ``B x n_points`` perturbed images are built by one vectorised comparison of each pixel's rank with
 the step's pixel count and run as batched forward passes (``batch_size`` images at a time).
 """
@@ -82,6 +85,7 @@ from torch import Tensor
 
 from ..batching import batch_slices, generator, progress as progress_bar, resolve_batch_size
 from ..errors import InputError
+from ..precision import perturbed_forward, runtime
 from .base import MetricResult, check_maps, pixel_stats, register_metric, trapezoid
 
 SUBSTRATES = ("blur", "black", "mean", "random", "zero")
@@ -233,7 +237,7 @@ def causal_curves(adapter, x: Tensor, maps: Tensor, target, *, mode: str, substr
             b, k = j // K, j % K
             changed = (rank[b] < counts[k][:, None])[:, None, :]  # (m, 1, HW)
             imgs = torch.where(changed, first[b], second[b]).reshape(-1, C, H, W)
-            y = adapter.forward(imgs)
+            y = perturbed_forward(adapter, imgs)
             out[sl] = adapter.score(y, tgt.select(sl), score).float()
             bar.update(sl.stop - sl.start)
     bar.close()
@@ -258,7 +262,7 @@ def raw_to_input(raw_maps, x: Tensor) -> Tensor:
 
 def _run(mode: str, model, x: Tensor, maps, targets, *, protocol: str, substrate: Optional[str], n_steps: int,
          score: str, blur_kernel: int, blur_sigma: float, seed: Optional[int], batch_size, progress,
-         raw_maps=None) -> MetricResult:
+         precision=None, compile: Optional[bool] = None, raw_maps=None) -> MetricResult:
     from ..models import wrap_model
 
     if protocol not in PROTOCOLS:
@@ -279,8 +283,9 @@ def _run(mode: str, model, x: Tensor, maps, targets, *, protocol: str, substrate
     with torch.no_grad():
         subst = make_substrate(adapter, x, sub, seed=seed, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
                                space=proto["space"])
-    curves = causal_curves(adapter, x, maps, tgt, mode=mode, substrate=subst, counts=counts, score=kind,
-                           batch_size=batch_size, progress=progress, ties=proto["ties"]).cpu()
+    with runtime(precision, compile):  # the curves' forward passes only (vitlens.precision)
+        curves = causal_curves(adapter, x, maps, tgt, mode=mode, substrate=subst, counts=counts, score=kind,
+                               batch_size=batch_size, progress=progress, ties=proto["ties"]).cpu()
     xs = counts.double() / (H * W)
     if proto["auc"] == "mean":
         values = curves.double().mean(1).float()
@@ -298,7 +303,7 @@ def _run(mode: str, model, x: Tensor, maps, targets, *, protocol: str, substrate
 def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", substrate: Optional[str] = None,
               n_steps: int = 224, score: str = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
               seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,
-              raw_maps=None) -> MetricResult:
+              precision=None, compile: Optional[bool] = None, raw_maps=None) -> MetricResult:
     """Insertion AUC (RISE Sec. 4.1): start from the substrate, restore the most salient pixels first.
 
     Higher is better. ``substrate=None`` takes the protocol's (``"blur"`` for every named protocol);
@@ -310,14 +315,14 @@ def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", 
     """
     return _run("insertion", model, x, maps, targets, protocol=protocol, substrate=substrate, n_steps=n_steps,
                 score=score, blur_kernel=blur_kernel, blur_sigma=blur_sigma, seed=seed, batch_size=batch_size,
-                progress=progress, raw_maps=raw_maps)
+                progress=progress, precision=precision, compile=compile, raw_maps=raw_maps)
 
 
 @register_metric("deletion", higher_is_better=False)
 def deletion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", substrate: Optional[str] = None,
              n_steps: int = 224, score: str = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
              seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,
-             raw_maps=None) -> MetricResult:
+             precision=None, compile: Optional[bool] = None, raw_maps=None) -> MetricResult:
     """Deletion AUC (RISE Sec. 4.1): replace the most salient pixels by the substrate first.
 
     Lower is better. ``substrate=None`` takes the protocol's (``"blur"`` for ``"paper"`` and
@@ -328,4 +333,4 @@ def deletion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", s
     """
     return _run("deletion", model, x, maps, targets, protocol=protocol, substrate=substrate, n_steps=n_steps,
                 score=score, blur_kernel=blur_kernel, blur_sigma=blur_sigma, seed=seed, batch_size=batch_size,
-                progress=progress, raw_maps=raw_maps)
+                progress=progress, precision=precision, compile=compile, raw_maps=raw_maps)

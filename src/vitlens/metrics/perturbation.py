@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
 from ..errors import InputError
+from ..precision import perturbed_forward, runtime
 from .base import MetricResult, check_maps, pixel_stats, register_metric, trapezoid
 from .causal import saliency_rank
 
@@ -41,7 +42,7 @@ STEPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def perturbation(model, x: Tensor, maps, targets=None, *, labels=None, order: str = "positive",
                  steps: tuple = STEPS, batch_size: Optional[int] = None,
-                 progress: Optional[bool] = None) -> MetricResult:
+                 progress: Optional[bool] = None, precision=None, compile: Optional[bool] = None) -> MetricResult:
     """Perturbation AUC of top-1 accuracy per image (see the module docstring).
 
     Args:
@@ -50,6 +51,7 @@ def perturbation(model, x: Tensor, maps, targets=None, *, labels=None, order: st
         order: ``"positive"`` (most relevant pixels removed first; lower is better) or ``"negative"``
             (least relevant first; higher is better).
         steps: fractions of pixels removed (default 0, 0.1, ..., 0.9).
+        precision, compile: settings of the perturbed forward passes (:mod:`vitlens.precision`).
     Returns:
         ``values`` (B,) AUC, ``curves`` (B, len(steps)) 0/1 correctness, ``xs`` the fractions.
     """
@@ -78,13 +80,13 @@ def perturbation(model, x: Tensor, maps, targets=None, *, labels=None, order: st
     idx = tgt.index.to(x.device)
     out = torch.empty(B * K, dtype=torch.float32, device=x.device)
     bar = progress_bar(B * K, f"perturbation ({order})", progress, unit="img")
-    with torch.no_grad():
+    with torch.no_grad(), runtime(precision, compile):
         for sl in batch_slices(B * K, bs):
             j = torch.arange(sl.start, sl.stop, device=x.device)
             b, k = j // K, j % K
             removed = (rank[b] < counts[k][:, None])[:, None, :]
             imgs = torch.where(removed, black, flat[b]).reshape(-1, C, H, W)
-            pred = adapter.class_logits(adapter.forward(imgs)).argmax(-1)
+            pred = adapter.class_logits(perturbed_forward(adapter, imgs)).argmax(-1)
             out[sl] = (pred == idx[b]).float()
             bar.update(sl.stop - sl.start)
     bar.close()
@@ -109,15 +111,17 @@ def _as_indices(labels) -> list[int]:
 
 @register_metric("perturbation_positive", higher_is_better=False, needs=("labels",))
 def perturbation_positive(model, x: Tensor, maps, targets=None, *, labels=None, steps: tuple = STEPS,
-                          batch_size: Optional[int] = None, progress: Optional[bool] = None) -> MetricResult:
+                          batch_size: Optional[int] = None, progress: Optional[bool] = None,
+                          precision=None, compile: Optional[bool] = None) -> MetricResult:
     """Positive perturbation AUC (Chefer et al. 2021): most relevant pixels removed first; lower is better."""
     return perturbation(model, x, maps, targets, labels=labels, order="positive", steps=steps,
-                        batch_size=batch_size, progress=progress)
+                        batch_size=batch_size, progress=progress, precision=precision, compile=compile)
 
 
 @register_metric("perturbation_negative", higher_is_better=True, needs=("labels",))
 def perturbation_negative(model, x: Tensor, maps, targets=None, *, labels=None, steps: tuple = STEPS,
-                          batch_size: Optional[int] = None, progress: Optional[bool] = None) -> MetricResult:
+                          batch_size: Optional[int] = None, progress: Optional[bool] = None,
+                          precision=None, compile: Optional[bool] = None) -> MetricResult:
     """Negative perturbation AUC (Chefer et al. 2021): least relevant pixels removed first; higher is better."""
     return perturbation(model, x, maps, targets, labels=labels, order="negative", steps=steps,
-                        batch_size=batch_size, progress=progress)
+                        batch_size=batch_size, progress=progress, precision=precision, compile=compile)

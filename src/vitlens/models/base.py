@@ -207,6 +207,14 @@ class ViTAdapter:
         Returns:
             model outputs for the M token subsets.
         """
+        n_patches = embedded.shape[1] - self.num_prefix_tokens
+        if (keep < 0).any() or (keep >= n_patches).any():
+            raise InputError(f"token indices must lie in [0, {n_patches}).")
+        return self.encode_tokens(self.subset_tokens(embedded, keep, image_index))
+
+    def subset_tokens(self, embedded: Tensor, keep: Tensor, image_index: Optional[Tensor] = None) -> Tensor:
+        """The (M, P+K, D) token sequences of :meth:`forward_subset` (prefix tokens + kept patch tokens),
+        without checking ``keep`` (no device-to-host synchronisation)."""
         P = self.num_prefix_tokens
         B, T, D = embedded.shape
         M, K = keep.shape
@@ -214,13 +222,57 @@ class ViTAdapter:
             image_index = torch.arange(M, device=embedded.device) if M == B else \
                 torch.zeros(M, dtype=torch.long, device=embedded.device)
         patches = embedded[:, P:]
-        if (keep < 0).any() or (keep >= patches.shape[1]).any():
-            raise InputError(f"token indices must lie in [0, {patches.shape[1]}).")
         flat = (image_index[:, None] * patches.shape[1] + keep).reshape(-1)
         kept = patches.reshape(B * patches.shape[1], D).index_select(0, flat).reshape(M, K, D)
         if P:
             kept = torch.cat([embedded[image_index, :P], kept], dim=1)
-        return self.head(self.run_blocks(kept))
+        return kept
+
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        """Model outputs for embedded token sequences: all blocks, then :meth:`head` (no hooks)."""
+        return self.head(self.run_blocks(tokens))
+
+    # ------------------------------------------------------------------ compiled forward paths
+    #: paths :meth:`compiled_path` can compile: the batched image forward and the token-sequence encoder
+    COMPILE_PATHS = ("forward", "encode")
+    #: keyword arguments of ``torch.compile`` (static shapes: each batch is padded to one size)
+    COMPILE_OPTIONS: dict = {"dynamic": False}
+
+    @property
+    def _compile_batch(self) -> dict:
+        """Static batch size of each compiled path (set by the first call, see :mod:`vitlens.precision`)."""
+        d = self.__dict__.get("_compile_batch_sizes")
+        if d is None:
+            d = self.__dict__["_compile_batch_sizes"] = {}
+        return d
+
+    def compiled_path(self, path: str) -> Optional[Callable[[Tensor], Tensor]]:
+        """``torch.compile(dynamic=False)`` of :meth:`forward` (``"forward"``) or :meth:`encode_tokens`
+        (``"encode"``), created once per adapter and path; ``None`` (after one warning) when compilation
+        is unavailable or has failed for this adapter."""
+        if path not in self.COMPILE_PATHS:
+            raise InputError(f"unknown compile path '{path}'; choose one of {', '.join(self.COMPILE_PATHS)}.")
+        if self.__dict__.get("_compile_failed"):
+            return None
+        cache = self.__dict__.setdefault("_compiled", {})
+        if path not in cache:
+            fn = (lambda x: self.forward(x)) if path == "forward" else self.encode_tokens
+            try:
+                cache[path] = torch.compile(fn, **self.COMPILE_OPTIONS)
+            except Exception as e:  # e.g. no compiler backend on this platform
+                self.disable_compile(f"{type(e).__name__}: {e}")
+                return None
+        return cache[path]
+
+    def disable_compile(self, reason: str) -> None:
+        """Stop using compiled paths on this adapter (warns once with ``reason``)."""
+        import warnings
+
+        if not self.__dict__.get("_compile_failed"):
+            warnings.warn(f"torch.compile failed for {self.name} ({reason}); running the eager model instead.",
+                          RuntimeWarning, stacklevel=3)
+        self.__dict__["_compile_failed"] = True
+        self.__dict__.pop("_compiled", None)
 
     # ------------------------------------------------------------------ targets and scores
     def class_logits(self, outputs: Tensor) -> Tensor:

@@ -49,6 +49,8 @@ class Target:
 
     @property
     def any_text(self) -> bool:
+        if self.text is None:  # no prompt embeddings, so no prompt targets (and no device sync)
+            return False
         return bool(self.is_text.any())
 
     def repeat_interleave(self, n: int) -> "Target":
@@ -61,7 +63,10 @@ class Target:
         )
 
     def select(self, idx: Union[Tensor, Sequence[int], slice]) -> "Target":
-        """The targets at batch positions ``idx``."""
+        """The targets at batch positions ``idx`` (a slice stays on the device: no host-device copy)."""
+        if isinstance(idx, slice):
+            return Target(index=self.index[idx], labels=self.labels[idx],
+                          text=None if self.text is None else self.text[idx], is_text=self.is_text[idx])
         if isinstance(idx, slice):
             pos = list(range(len(self)))[idx]
         elif isinstance(idx, Tensor):

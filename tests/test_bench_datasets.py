@@ -505,6 +505,10 @@ def test_legrad_presets_pin_models_tags_methods_and_metrics():
     for name in [n for n in clip if n != "legrad-siglip"]:
         assert list(P.get_preset(name)["methods"]) == [*table7, "textspan"]
     assert list(P.get_preset("legrad-siglip")["methods"]) == ["legrad", "gradcam"]
+    for name in [*clip, "legrad-vit"]:  # LeGrad supp. eqs. 9 and 10, not the methods' own defaults
+        ms = P.get_preset(name)["methods"]
+        assert ms["gradcam"] == {"variant": "legrad"} and ms["legrad"] == {}
+        assert ms.get("attention_cam", {"variant": "legrad"}) == {"variant": "legrad"}
     vit = P.get_preset("legrad-vit")
     assert vit["model"] == "vit_base_patch16_224.orig_in21k_ft_in1k" and list(vit["methods"]) == table7
     assert vit["metrics"] == ["perturbation_positive", "perturbation_negative"] and vit["target"] == "predicted"

@@ -141,6 +141,13 @@ _LEGRAD_BASELINES = ["raw_attention", "rollout", "gradcam", "attention_cam", "ch
 _LEGRAD_METRICS = {"imagenet-seg": ["segmentation"], "openimages": ["open_vocab"],
                    "imagenet": ["perturbation_positive", "perturbation_negative"]}
 _LEGRAD_METRIC_PARAMS = {"segmentation": {"threshold": 0.5}, "open_vocab": {"threshold": 0.5}}
+#: baselines run as LeGrad's supplement defines them: Grad-CAM eq. 9 and AttentionCAM eq. 10
+#: (``variant="legrad"`` of each method); every other method with its own defaults.
+_LEGRAD_METHOD_PARAMS = {"gradcam": {"variant": "legrad"}, "attention_cam": {"variant": "legrad"}}
+
+
+def _legrad_methods(names: list) -> dict:
+    return {m: dict(_LEGRAD_METHOD_PARAMS.get(m, {})) for m in names}
 #: OpenCLIP backbones of LeGrad (the open_clip LAION-2B checkpoints; ViT-B/16's tag is the one of the released
 #: code's README/playground.py, the others are open_clip's LAION-2B tags of those architectures).
 LEGRAD_CLIP_MODELS = {
@@ -153,7 +160,7 @@ LEGRAD_CLIP_MODELS = {
 
 def _legrad_clip(model: str, weights: str) -> dict:
     return dict(model=model, weights=weights,
-                methods={m: {} for m in ["legrad", *_LEGRAD_BASELINES, "textspan"]},
+                methods=_legrad_methods(["legrad", *_LEGRAD_BASELINES, "textspan"]),
                 metrics={k: list(v) for k, v in _LEGRAD_METRICS.items()},
                 metric_params={k: dict(v) for k, v in _LEGRAD_METRIC_PARAMS.items()}, target="predicted")
 
@@ -203,11 +210,11 @@ PRESETS: dict[str, dict] = {
     "vitcx-deit": _vitcx("deit_base_distilled_patch16_224.fb_in1k"),
     "vitcx-swin": _vitcx("swin_base_patch4_window7_224.ms_in22k_ft_in1k", delta=0.05),
     "legrad-vit": dict(model="vit_base_patch16_224.orig_in21k_ft_in1k",
-                       methods={m: {} for m in ["legrad", *_LEGRAD_BASELINES]},
+                       methods=_legrad_methods(["legrad", *_LEGRAD_BASELINES]),
                        metrics=["perturbation_positive", "perturbation_negative"], target="predicted"),
     **{name: _legrad_clip(model, tag) for name, (model, tag) in LEGRAD_CLIP_MODELS.items()},
     "legrad-siglip": dict(model="open_clip:ViT-B-16-SigLIP", weights="webli",
-                          methods={m: {} for m in ["legrad", "gradcam"]},
+                          methods=_legrad_methods(["legrad", "gradcam"]),
                           metrics={k: list(v) for k, v in _LEGRAD_METRICS.items()},
                           metric_params={k: dict(v) for k, v in _LEGRAD_METRIC_PARAMS.items()}, target="predicted"),
 }

@@ -43,14 +43,18 @@ reported by the runner with the list of available methods.
     ================================  ====================================  ==========================
     paper table / row                 what this preset computes             published number
     ================================  ====================================  ==========================
-    TIS Tables 1-2, ViT-B/16 rows     insertion/deletion, 4 substrates,     not transcribed (no copy
-    (``tis-vit``), DeiT-B rows        every method above                    of the tables available
-    (``tis-deit``)                                                          offline; see the paper)
-    TIS Tables 3-4                    pointing game, sparseness,            not transcribed
+    TIS Tables 1-2, ViT-B/16 rows     insertion/deletion, 4 substrates,     not transcribed (no
+    (``tis-vit``), DeiT-B rows        every method above                    excerpt of the tables
+    (``tis-deit``)                                                          found; see source below)
+    TIS Tables 3-4                    pointing game, sparseness,            not transcribed (likewise)
                                       max-sensitivity
     ================================  ====================================  ==========================
 
     The tables' numbers are means over the 5000 subset images; insertion/deletion per substrate.
+    Source searched for the published values (stored public pages, 2026-12-01): the paper's CVF page
+    https://openaccess.thecvf.com/content/ICCV2023W/NIVT/html/Englebert_Explaining_Through_Transformer_Input_Sampling_ICCVW_2023_paper.html
+    (abstract and links only in the stored copy); no stored excerpt shows any row of Tables 1-4, so no
+    number is quoted here.
 ``vitcx`` / ``vitcx-deit`` / ``vitcx-swin``
     ViT-CX (Weiyan Xie, Xiao-Hui Li, Caleb Chen Cao & Nevin L. Zhang, "ViT-CX: Causal Explanation of
     Vision Transformers", IJCAI 2023), Table 1: ViT-B/16 (``vit_base_patch16_224.augreg_in21k_ft_in1k``,
@@ -68,11 +72,16 @@ reported by the runner with the list of available methods.
     ================================  ====================================  ==========================
     paper table / row                 what this preset computes             published number
     ================================  ====================================  ==========================
-    ViT-CX Table 1, ViT-B/16 block    deletion AUC, insertion AUC,          not transcribed (see the
-    (``vitcx``), DeiT-B block         pointing game per method              paper)
-    (``vitcx-deit``), Swin-B block
+    ViT-CX Table 1, ViT-B/16 block    deletion AUC, insertion AUC,          not transcribed (no
+    (``vitcx``), DeiT-B block         pointing game per method              excerpt of Table 1
+    (``vitcx-deit``), Swin-B block                                          found; see source below)
     (``vitcx-swin``)
     ================================  ====================================  ==========================
+
+    Source searched for the published values (stored public pages, 2026-12-01): the paper's HTML
+    https://ar5iv.labs.arxiv.org/html/2211.03064 (also its LaTeX text in SPIQA). The stored excerpts
+    end before Table 1; the only numbers they show are Figure 1's per-image Del/Ins values for four
+    example images, which are not Table 1 averages and are not quoted here.
 ``legrad-clip`` (and ``legrad-clip-l14``, ``legrad-clip-h14``, ``legrad-clip-bigg14``)
     LeGrad (Bousselham et al., 2024), main paper Tables 1-3 on OpenCLIP; see :data:`LEGRAD_DOCS`.
 ``legrad-siglip``
@@ -177,8 +186,19 @@ LEGRAD_DOCS = {
       the "target" column.
 
     Rows: LeGrad against raw attention, rollout, Grad-CAM, AttentionCAM, Chefer et al.'s two methods, LRP,
-    partial LRP and TextSpan. Published numbers: see paper Tables 1, 2 and 3 (the released code and its
-    README publish none, and vitlens has no copy of the paper to quote them from). The other backbones of
+    partial LRP and TextSpan. Published numbers:
+
+    ====================================  ==========================  ==========================
+    paper table / row                     metric                      published value
+    ====================================  ==========================  ==========================
+    Table 1, every row (ViT-B/16)         pixel acc., mIoU, mAP       not transcribed
+    Table 2, every row                    p-mIoU                      not transcribed
+    Table 3, every row                    negative / positive AUC     not transcribed
+    ====================================  ==========================  ==========================
+
+    Source searched (stored public pages, 2026-12-01): https://arxiv.org/html/2404.03214v2 (and v1);
+    the stored excerpts hold the paper's opening only, no row of Tables 1-3, so no number is quoted
+    (the released code and its README publish none). The other backbones of
     the tables: ``legrad-clip-l14`` (ViT-L/14, ``laion2b_s32b_b82k``), ``legrad-clip-h14`` (ViT-H/14,
     ``laion2b_s32b_b79k``), ``legrad-clip-bigg14`` (ViT-bigG/14, ``laion2b_s39b_b160k``): the paper's Sec. 9.1
     names its checkpoints; these tags are open_clip's LAION-2B checkpoints of those architectures, to be
@@ -187,14 +207,32 @@ LEGRAD_DOCS = {
     perturbation, positive and negative AUC, "predicted" column with this preset, "target" column with
     ``--target label``. LeGrad on SigLIP goes through the attentional pooler (paper: "Adaptation to
     Attentional Pooler"). Only methods that need no [CLS] attention row are listed (SigLIP has no class
-    token); published numbers: see paper Table 4. Segmentation and OpenImages data also work.""",
+    token). Segmentation and OpenImages data also work. Published numbers:
+
+    ====================================  ==========================  ==========================
+    paper table / row                     metric                      published value
+    ====================================  ==========================  ==========================
+    Table 4, every row (SigLIP-B/16)      negative / positive AUC     not transcribed
+    ====================================  ==========================  ==========================
+
+    Source searched (stored public pages, 2026-12-01): https://arxiv.org/html/2404.03214v2; no stored
+    excerpt shows Table 4, so no number is quoted.""",
     "legrad-vit": """ImageNet-1k ViT-B/16 of Chefer et al.'s code (``jx_vit_base_p16_224-80ecf9dd.pth``,
     timm ``vit_base_patch16_224.orig_in21k_ft_in1k``), LeGrad supplementary Table 7: ImageNet perturbation
     with Chefer et al.'s protocol (``pertubation_eval_from_hdf5.py``): positive / negative AUC over 0-90 %
     removed, top-1 correctness against the label; the "predicted" column with this preset, the "target"
     column with ``--target label``. Rows: raw attention, rollout, Grad-CAM, AttentionCAM, Chefer et al.'s
     Transformer Attribution (chefer1) and generic attention (chefer2), LRP, partial LRP, LeGrad (TextSpan
-    does not apply to a classifier). Published numbers: see supplementary Table 7. The checkpoint is the
+    does not apply to a classifier). Published numbers:
+
+    ====================================  ==========================  ==========================
+    paper table / row                     metric                      published value
+    ====================================  ==========================  ==========================
+    Supp. Table 7, every row (ViT-B/16)   negative / positive AUC     not transcribed
+    ====================================  ==========================  ==========================
+
+    Source searched (stored public pages, 2026-12-01): https://arxiv.org/html/2404.03214v2; no stored
+    excerpt shows the supplementary tables, so no number is quoted. The checkpoint is the
     one of the protocol's reference code (vitlens has no copy of the paper to confirm the table's own);
     the previous ``augreg2`` tag is reachable with ``--model vit_base_patch16_224.augreg2_in21k_ft_in1k``.
     Chefer's script resizes images to 224 x 224 without cropping; the bench uses the model's eval

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from .base import ViTAdapter
-from .hf_vit import _hf_layer_spec
+from .hf_vit import set_hf_metadata
 
 
 class HFDeiTAdapter(ViTAdapter):
@@ -27,25 +27,8 @@ class HFDeiTAdapter(ViTAdapter):
         if not self.distilled and not hasattr(m, "classifier"):
             raise UnsupportedModelError(f"{type(m).__name__} has no classifier head (use a DeiT image classifier).")
         self.body = body
-        cfg = m.config
-        layers = getattr(body, "layers", None)
-        if layers is None:
-            layers = body.encoder.layer
-        self.blocks = [_hf_layer_spec(layer, cfg.num_attention_heads) for layer in layers]
-        ps = cfg.patch_size
-        self.patch_size = (ps, ps) if isinstance(ps, int) else tuple(ps)
-        isz = cfg.image_size
-        self.input_size = (isz, isz) if isinstance(isz, int) else tuple(isz)
-        self.prefix_names = ["cls", "dist"]
-        self.pool = "cls"
-        self.name = getattr(cfg, "_name_or_path", "") or type(m).__name__
-        self.mean = (0.485, 0.456, 0.406)
-        self.std = (0.229, 0.224, 0.225)
-        self.crop_pct = 0.875
-        self.interpolation = "bicubic"
-        id2label = getattr(cfg, "id2label", None) or {}
-        n = cfg.num_labels
-        self.class_names = [str(id2label.get(i, id2label.get(str(i), f"class {i}"))) for i in range(n)]
+        set_hf_metadata(self, m, body, prefix_names=["cls", "dist"], mean=(0.485, 0.456, 0.406),
+                        std=(0.229, 0.224, 0.225), crop_pct=0.875, interpolation="bicubic")
 
     def _patches(self, x: Tensor) -> Tensor:
         pe = self.body.embeddings.patch_embeddings

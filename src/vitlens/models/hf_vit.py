@@ -39,6 +39,27 @@ def _hf_layer_spec(layer: nn.Module, num_heads: int) -> BlockSpec:
     )
 
 
+def set_hf_metadata(adapter: ViTAdapter, m: nn.Module, body: nn.Module, *, prefix_names: list, mean: tuple,
+                    std: tuple, crop_pct: float, interpolation: str) -> None:
+    """The adapter fields every Hugging Face ViT-layout classifier shares: blocks (:func:`_hf_layer_spec` of
+    ``body``'s layers, 4.x or 5.x layout), patch and input size from ``m.config``, prefix tokens, CLS
+    pooling, name, eval transform and the class names of ``config.id2label``."""
+    cfg = m.config
+    layers = getattr(body, "layers", None)  # transformers >= 5
+    if layers is None:
+        layers = body.encoder.layer
+    adapter.blocks = [_hf_layer_spec(layer, cfg.num_attention_heads) for layer in layers]
+    ps, isz = cfg.patch_size, cfg.image_size
+    adapter.patch_size = (ps, ps) if isinstance(ps, int) else tuple(ps)
+    adapter.input_size = (isz, isz) if isinstance(isz, int) else tuple(isz)
+    adapter.prefix_names = list(prefix_names)
+    adapter.pool = "cls"
+    adapter.name = getattr(cfg, "_name_or_path", "") or type(m).__name__
+    adapter.mean, adapter.std, adapter.crop_pct, adapter.interpolation = mean, std, crop_pct, interpolation
+    id2label = getattr(cfg, "id2label", None) or {}
+    adapter.class_names = [str(id2label.get(i, id2label.get(str(i), f"class {i}"))) for i in range(cfg.num_labels)]
+
+
 class HFViTAdapter(ViTAdapter):
     """Hugging Face ``ViTForImageClassification``: CLS token, classifier on the CLS token."""
 
@@ -52,27 +73,11 @@ class HFViTAdapter(ViTAdapter):
             raise UnsupportedModelError(f"{type(m).__name__} is not a Hugging Face ViT image classifier "
                                         "(needs .vit.embeddings and .classifier).")
         self.body = body
-        cfg = m.config
-        layers = getattr(body, "layers", None)
-        if layers is None:
-            layers = body.encoder.layer
         if hasattr(body.embeddings, "distillation_token"):
-            raise UnsupportedModelError("Hugging Face distilled DeiT is not supported; use timm's deit models.")
-        self.blocks = [_hf_layer_spec(layer, cfg.num_attention_heads) for layer in layers]
-        ps = cfg.patch_size
-        self.patch_size = (ps, ps) if isinstance(ps, int) else tuple(ps)
-        isz = cfg.image_size
-        self.input_size = (isz, isz) if isinstance(isz, int) else tuple(isz)
-        self.prefix_names = ["cls"]
-        self.pool = "cls"
-        self.name = getattr(cfg, "_name_or_path", "") or type(m).__name__
-        self.mean = (0.5, 0.5, 0.5)
-        self.std = (0.5, 0.5, 0.5)
-        self.crop_pct = 1.0
-        self.interpolation = "bilinear"
-        id2label = getattr(cfg, "id2label", None) or {}
-        n = cfg.num_labels
-        self.class_names = [str(id2label.get(i, id2label.get(str(i), f"class {i}"))) for i in range(n)]
+            raise UnsupportedModelError("a Hugging Face DeiT model has a distillation token: wrap it with "
+                                        "vitlens.wrap_model (it picks the DeiT adapter).")
+        set_hf_metadata(self, m, body, prefix_names=["cls"], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                        crop_pct=1.0, interpolation="bilinear")
 
     def embed(self, x: Tensor) -> Tensor:
         emb = self.body.embeddings

@@ -424,3 +424,38 @@ def test_bench_stores_raw_maps_and_feeds_tis_code_metrics(real_model, tmp_path):
     pg = get_metric("pointing_game").fn(None, x, torch.zeros(2, 224, 224), boxes=None, protocol="tis_code",
                                         raw_maps=raw, box_coords=boxes).values.numpy()
     np.testing.assert_array_equal(np.array(vals["pointing_game"], dtype=float), np.where(np.isnan(pg), np.nan, pg))
+
+
+def test_bench_tis_transform_pixel_space_uses_imagenet_stats(real_model, tmp_path):
+    """Under ``--transform tis`` the inputs are ImageNet-normalised, so the ``paper`` protocol's pixel-black
+    substrate must be pixel black in *that* normalisation: the last point of the paper deletion curve
+    (every pixel deleted) is the label's probability on the constant image -mean/std of ImageNet (slow
+    reference built here), not on the model's own -1 (its mean = std = 0.5)."""
+    import sqlite3
+
+    from vitlens.bench import BenchConfig, run_bench
+    from vitlens.bench.store import decode_f32
+    from vitlens.data import ImageNetBoxes
+    from vitlens.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.set_num_threads(1)
+    data = SHARED / "data" / "imagenet-val-sample"
+    mp = {"deletion_black": {"metric": "deletion", "protocol": "paper", "substrate": "black", "n_steps": 2}}
+    cfg = BenchConfig(out=str(tmp_path / "b"), model="vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+                      weights=str(SHARED / "models"), data=str(data), transform="tis",
+                      methods={"rollout": {}}, metrics=list(mp), metric_params=mp, limit=1, batch_size=1,
+                      report=False)
+    run_bench(cfg)
+    con = sqlite3.connect(str(tmp_path / "b" / "results.sqlite"))
+    (blob,), = con.execute("SELECT curve FROM results WHERE metric='deletion_black'")
+    curve = decode_f32(blob)
+    (info,), = con.execute("SELECT model_info FROM runs")
+    assert json.loads(info)["mean"] == list(IMAGENET_MEAN) and json.loads(info)["std"] == list(IMAGENET_STD)
+    black = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1).expand(1, 3, 224, 224)
+    label = ImageNetBoxes(data)[0].label
+    with torch.no_grad():
+        p_black = real_model.forward(black.contiguous()).softmax(-1)[0, label].item()
+        p_model_black = real_model.forward(-torch.ones(1, 3, 224, 224)).softmax(-1)[0, label].item()
+    assert abs(p_black - p_model_black) > 1e-4  # the two blacks are distinguishable for this image
+    # one forward pass of the same constant tensor, float32 softmax: agreement to float32 rounding
+    assert abs(float(curve[-1]) - p_black) < 1e-5

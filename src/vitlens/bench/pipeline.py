@@ -4,8 +4,8 @@ While batch ``k`` runs its methods and metrics, :class:`Prefetcher` decodes batc
 and resizing, the normalising tensor ops and the box masks release the GIL), so the device does not wait
 for the CPU between batches. Only batches with missing work are decoded (a resumed run does not decode
 finished batches). The decoded batch is handed over once; failures inside the background call are
-returned with it (the runner records them in its own thread: the store is used by one thread only).
-Disable with ``VITLENS_BENCH_PREFETCH=0``.
+returned with it (the runner records them in its own thread). Disable with ``VITLENS_BENCH_PREFETCH=0``.
+Storing overlaps too: :meth:`.store.Store.start_writer` (disable with ``VITLENS_BENCH_WRITER=0``).
 """
 from __future__ import annotations
 

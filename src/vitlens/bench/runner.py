@@ -310,6 +310,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         errors: list[dict] = []
         t_loop = time.perf_counter()
         loader = Prefetcher()  # decodes batch k + 1 while batch k computes
+        if os.environ.get("VITLENS_BENCH_WRITER", "1") not in ("0", "false", "no"):
+            store.start_writer()  # compresses and commits maps and rows in a background thread
         try:
             with precision_runtime(precision, bool(cfg.compile)):  # methods' and metrics' perturbed passes
                 for k, batch in enumerate(mine):

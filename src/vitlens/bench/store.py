@@ -11,16 +11,27 @@ in). Rows are unique on ``(run_key, image_id, metric, protocol_key)``, so runs w
 parameters never mix, and merging shard files is an idempotent ``INSERT OR IGNORE``.
 
 Maps are stored as zlib-compressed float16 arrays; curves as zlib-compressed float32.
+
+Background writer (:meth:`Store.start_writer`, used by the bench loop; ``VITLENS_BENCH_WRITER=0`` turns it
+off): ``put_maps``/``put_results``/``put_errors``/``clear_image_errors`` hand their rows to one thread
+that owns a second connection and does the compression, the inserts and the ``COMMIT`` (fsync) while the
+device computes. Writes keep their order (one FIFO queue) and their transactions, so the durability above
+is unchanged: what is committed is complete; what a killed process had queued is simply not done and is
+recomputed on resume. Until a write is committed, its maps and "done" marks are served from memory
+(the float16 round trip applied, so a pending map reads back exactly as a stored one). A failed write
+is raised, as :class:`StoreWriteError`, by the next store call of the main thread.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import sqlite3
+import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -135,21 +146,101 @@ class Transaction:
         self.con.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+class StoreWriteError(RuntimeError):
+    """A background write to the results database failed (disk full, database locked, ...)."""
+
+
+class _Writer:
+    """One thread that runs write jobs ``fn(con)`` in order on its own connection to ``path``."""
+
+    def __init__(self, path: Path, max_pending: int):
+        self.path = path
+        self.jobs: queue.Queue = queue.Queue(maxsize=max(1, int(max_pending)))  # back-pressure on the loop
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._loop, name="vitlens-bench-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        con = None
+        try:
+            con = connect(self.path)
+        except BaseException as e:  # noqa: BLE001 - reported to the main thread
+            self.error = e
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None and con is not None:
+                    job(con)
+            except BaseException as e:  # noqa: BLE001 - reported to the main thread; later jobs are dropped
+                self.error = e
+            finally:
+                self.jobs.task_done()
+                if job is None and con is not None:
+                    con.close()
+
+    def check(self) -> None:
+        if self.error is not None:
+            e = self.error
+            raise StoreWriteError(f"writing to {self.path} failed: {type(e).__name__}: {e}") from e
+
+    def submit(self, job: Callable[[sqlite3.Connection], None]) -> None:
+        self.check()
+        self.jobs.put(job)
+
+    def flush(self) -> None:
+        self.jobs.join()
+        self.check()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+
 class Store:
     """A writable database (``path``) plus read-only databases whose committed work also counts as done.
 
     In a sharded run ``path`` is the shard's own file and ``also`` the merged ``results.sqlite``; in a
-    single-process run both are the same file.
+    single-process run both are the same file. See the module docstring for the background writer.
     """
 
     def __init__(self, path: Path, also: Sequence[Path] = ()):
         self.path = Path(path)
         self.con = connect(self.path)
         self.readers = [connect(p, readonly=True) for p in also if Path(p).exists() and Path(p) != self.path]
+        self._writer: Optional[_Writer] = None
+        self._lock = threading.Lock()
+        self._pending_maps: dict[tuple[str, str], tuple[int, np.ndarray]] = {}  # queued, not yet committed
+        self._pending_results: set[tuple[str, str, str, str]] = set()
+
+    def start_writer(self, max_pending: int = 16) -> None:
+        """Hand the per-batch writes to a background thread (at most ``max_pending`` queued batches)."""
+        if self._writer is None:
+            self._writer = _Writer(self.path, max_pending)
+
+    def flush(self) -> None:
+        """Wait until every queued write is committed (raises :class:`StoreWriteError` if one failed)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _write(self, job: Callable[[sqlite3.Connection], None]) -> None:
+        if self._writer is None:
+            job(self.con)
+        else:
+            self._writer.submit(job)
 
     def close(self) -> None:
-        for c in [self.con, *self.readers]:
-            c.close()
+        try:
+            if self._writer is not None:
+                w, self._writer = self._writer, None
+                try:
+                    w.flush()
+                finally:
+                    w.stop()
+        finally:
+            for c in [self.con, *self.readers]:
+                c.close()
 
     def _all(self) -> list[sqlite3.Connection]:
         return [self.con, *self.readers]
@@ -177,7 +268,8 @@ class Store:
 
     # -- maps ---------------------------------------------------------------------------------------
     def done_maps(self, run_key: str, image_ids: Sequence[str]) -> set[str]:
-        out: set[str] = set()
+        with self._lock:
+            out = {i for i in image_ids if (run_key, i) in self._pending_maps}
         q = f"SELECT image_id FROM maps WHERE run_key=? AND image_id IN ({','.join('?' * len(image_ids))})"
         for c in self._all():
             out.update(r[0] for r in c.execute(q, (run_key, *image_ids)))
@@ -186,18 +278,38 @@ class Store:
     def put_maps(self, run_key: str, image_ids: Sequence[str], targets: Sequence[int], maps: np.ndarray,
                  seconds: float, version: str, dtype: str = "float16") -> None:
         now = time.time()
-        rows = []
-        for i, iid in enumerate(image_ids):
-            blob, shape = encode_map(maps[i], dtype)
-            rows.append((run_key, iid, int(targets[i]), shape, blob, seconds / max(len(image_ids), 1), version, now))
-        with Transaction(self.con) as c:
-            c.executemany("INSERT OR REPLACE INTO maps VALUES (?,?,?,?,?,?,?,?)", rows)
-            c.executemany("DELETE FROM errors WHERE stage='method' AND run_key=? AND image_id=?",
-                          [(run_key, iid) for iid in image_ids])
+        ids, tgts = list(image_ids), [int(t) for t in targets[:len(image_ids)]]
+        # the values exactly as they will read back (float16 round trip), owned by the store
+        stored = [np.array(np.asarray(maps[i], dtype=np.dtype(dtype)), dtype=np.float32) for i in range(len(ids))]
+        per = seconds / max(len(ids), 1)
+
+        def job(con: sqlite3.Connection) -> None:
+            rows = []
+            for i, iid in enumerate(ids):
+                blob, shape = encode_map(stored[i], dtype)
+                rows.append((run_key, iid, tgts[i], shape, blob, per, version, now))
+            with Transaction(con) as c:
+                c.executemany("INSERT OR REPLACE INTO maps VALUES (?,?,?,?,?,?,?,?)", rows)
+                c.executemany("DELETE FROM errors WHERE stage='method' AND run_key=? AND image_id=?",
+                              [(run_key, iid) for iid in ids])
+            if self._writer is not None:
+                with self._lock:
+                    for iid in ids:
+                        self._pending_maps.pop((run_key, iid), None)
+
+        if self._writer is not None:
+            with self._lock:
+                for iid, t, m in zip(ids, tgts, stored):
+                    self._pending_maps[(run_key, iid)] = (t, m)
+        self._write(job)
 
     def get_maps(self, run_key: str, image_ids: Sequence[str]) -> tuple[np.ndarray, list[int]]:
         """(n, H, W) float32 maps (decoded from float16) and targets, in the order of ``image_ids``."""
         found: dict[str, tuple] = {}
+        with self._lock:
+            for iid in image_ids:
+                if (run_key, iid) in self._pending_maps:
+                    found[iid] = self._pending_maps[(run_key, iid)]
         q = f"SELECT image_id, target, shape, map FROM maps WHERE run_key=? AND image_id IN ({','.join('?' * len(image_ids))})"
         for c in self._all():
             for iid, tgt, shape, blob in c.execute(q, (run_key, *image_ids)):
@@ -209,7 +321,8 @@ class Store:
 
     # -- results ------------------------------------------------------------------------------------
     def done_results(self, run_key: str, metric: str, protocol_key: str, image_ids: Sequence[str]) -> set[str]:
-        out: set[str] = set()
+        with self._lock:
+            out = {i for i in image_ids if (run_key, metric, protocol_key, i) in self._pending_results}
         q = (f"SELECT image_id FROM results WHERE run_key=? AND metric=? AND protocol_key=? "
              f"AND image_id IN ({','.join('?' * len(image_ids))})")
         for c in self._all():
@@ -218,15 +331,31 @@ class Store:
 
     def put_results(self, rows: Sequence[dict]) -> None:
         now = time.time()
-        vals = [(r["run_key"], r["image_id"], r["metric"], r["protocol_key"], r["model"], r["method"],
+        # everything but the compression is built here (the caller's dicts and arrays may change later)
+        vals = [[r["run_key"], r["image_id"], r["metric"], r["protocol_key"], r["model"], r["method"],
                  None if r["value"] is None or not np.isfinite(r["value"]) else float(r["value"]),
-                 encode_f32(r.get("curve")), encode_f32(r.get("xs")), int(r["target"]),
-                 canonical(r["method_params"]), canonical(r["protocol"]), r["version"], r["seconds"], now)
+                 None if r.get("curve") is None else np.array(r["curve"], dtype=np.float32),
+                 None if r.get("xs") is None else np.array(r["xs"], dtype=np.float32), int(r["target"]),
+                 canonical(r["method_params"]), canonical(r["protocol"]), r["version"], r["seconds"], now]
                 for r in rows]
-        with Transaction(self.con) as c:
-            c.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", vals)
-            c.executemany("DELETE FROM errors WHERE stage='metric' AND run_key=? AND image_id=? AND protocol_key=?",
-                          [(r["run_key"], r["image_id"], r["protocol_key"]) for r in rows])
+        marks = [(r["run_key"], r["metric"], r["protocol_key"], r["image_id"]) for r in rows]
+
+        def job(con: sqlite3.Connection) -> None:
+            for v in vals:
+                v[7], v[8] = encode_f32(v[7]), encode_f32(v[8])
+            with Transaction(con) as c:
+                c.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                              [tuple(v) for v in vals])
+                c.executemany("DELETE FROM errors WHERE stage='metric' AND run_key=? AND image_id=? "
+                              "AND protocol_key=?", [(v[0], v[1], v[3]) for v in vals])
+            if self._writer is not None:
+                with self._lock:
+                    self._pending_results.difference_update(marks)
+
+        if self._writer is not None:
+            with self._lock:
+                self._pending_results.update(marks)
+        self._write(job)
 
     # -- errors -------------------------------------------------------------------------------------
     def put_errors(self, rows: Sequence[dict]) -> None:
@@ -236,25 +365,36 @@ class Store:
         vals = [(r["image_id"], r["stage"], r.get("run_key") or "", r.get("metric") or "",
                  r.get("protocol_key") or "", r.get("label") or "", str(r.get("message", ""))[:2000],
                  r.get("version") or "", now) for r in rows]
-        with Transaction(self.con) as c:
-            c.executemany("INSERT OR REPLACE INTO errors VALUES (?,?,?,?,?,?,?,?,?)", vals)
+
+        def job(con: sqlite3.Connection) -> None:
+            with Transaction(con) as c:
+                c.executemany("INSERT OR REPLACE INTO errors VALUES (?,?,?,?,?,?,?,?,?)", vals)
+
+        self._write(job)
 
     def clear_image_errors(self, image_ids: Sequence[str]) -> None:
         """The images were read successfully: drop their "image" error rows."""
         if not image_ids:
             return
-        with Transaction(self.con) as c:
-            c.executemany("DELETE FROM errors WHERE stage='image' AND image_id=?", [(i,) for i in image_ids])
+        ids = [(i,) for i in image_ids]
+
+        def job(con: sqlite3.Connection) -> None:
+            with Transaction(con) as c:
+                c.executemany("DELETE FROM errors WHERE stage='image' AND image_id=?", ids)
+
+        self._write(job)
 
     # -- what is done (whole runs, for the start line) -------------------------------------------------
     def map_ids(self, run_key: str) -> set[str]:
-        out: set[str] = set()
+        with self._lock:
+            out = {i for (rk, i) in self._pending_maps if rk == run_key}
         for c in self._all():
             out.update(r[0] for r in c.execute("SELECT image_id FROM maps WHERE run_key=?", (run_key,)))
         return out
 
     def result_ids(self, run_key: str, metric: str, protocol_key: str) -> set[str]:
-        out: set[str] = set()
+        with self._lock:
+            out = {i for (rk, me, pk, i) in self._pending_results if (rk, me, pk) == (run_key, metric, protocol_key)}
         for c in self._all():
             out.update(r[0] for r in c.execute("SELECT image_id FROM results WHERE run_key=? AND metric=? AND "
                                                "protocol_key=?", (run_key, metric, protocol_key)))

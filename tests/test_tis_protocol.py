@@ -354,6 +354,37 @@ def test_print_config_is_fully_resolved(capsys):
                                                "blur_sigma": 5.0, "seed": 0}
 
 
+@pytest.mark.parametrize("preset", sorted(__import__("vitlens.bench.presets", fromlist=["PRESETS"]).PRESETS))
+def test_every_preset_prints_its_config(preset, capsys):
+    """--print-config works for every preset, also those whose metrics depend on the dataset (LeGrad's)."""
+    from vitlens.bench.cli import main
+    from vitlens.bench.presets import get_preset
+
+    assert main(["--preset", preset, "--print-config"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"] == get_preset(preset)["model"]
+    assert set(d["methods"]) == set(get_preset(preset)["methods"])
+
+
+def test_config_file_values_are_converted_and_checked(tmp_path, capsys):
+    """Method/metric values of a TOML config get the declared types (as --method-param does) and a value
+    of the wrong type is a one-line error naming the file, the parameter and the expected type."""
+    from vitlens.bench.cli import main
+
+    good = tmp_path / "good.toml"
+    good.write_text('metrics = ["insertion"]\n[methods.tis]\nn_masks = "256"\nratio = 1\n'
+                    '[metric_params.insertion]\nn_steps = "16"\n')
+    assert main(["--config", str(good), "--print-config"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["methods"]["tis"]["n_masks"] == 256 and isinstance(d["methods"]["tis"]["ratio"], float)
+    assert d["metrics"]["insertion"]["n_steps"] == 16
+    bad = tmp_path / "bad.toml"
+    bad.write_text('metrics = ["insertion"]\n[methods.tis]\nn_masks = "many"\n')
+    assert main(["--config", str(bad), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.toml" in err[0] and "tis.n_masks=many" in err[0] and "an integer" in err[0]
+
+
 # ----------------------------------------------------------------------------- real model
 @pytest.mark.integration
 def test_real_vit_ti_tis_code_all_substrates(real_model):

@@ -146,11 +146,13 @@ def type_hints(fn: Callable) -> dict:
 
 
 def convert_params(fn: Callable, params: dict, defaults: dict, *, owner: str, flag: str = "--param",
-                   prefix: str = "") -> dict:
+                   prefix: str = "", objects_ok: bool = False) -> dict:
     """``params`` converted to the declared types of ``fn``'s keyword parameters.
 
     ``defaults`` lists the accepted names (unknown names raise with close matches); ``owner`` names the
-    method/metric in messages (``"method 'tis'"``); ``flag``/``prefix`` how the user wrote the option."""
+    method/metric in messages (``"method 'tis'"``); ``flag``/``prefix`` how the user wrote the option.
+    ``objects_ok``: values from a config file or preset (already parsed): a value whose declared type has
+    no text form (dict, tensor, callable) is passed through instead of refused."""
     hints = type_hints(fn)
     out = {}
     for name, value in params.items():
@@ -166,6 +168,9 @@ def convert_params(fn: Callable, params: dict, defaults: dict, *, owner: str, fl
             raise InputError(f"{flag} {prefix}{name}={shown}: parameter '{name}' of {owner} takes "
                              f"{_describe(hint)} (default {defaults[name]!r}).") from None
         except TypeError:
+            if objects_ok and not isinstance(value, str):
+                out[name] = value
+                continue
             raise InputError(f"{flag} {prefix}{name}: parameter '{name}' of {owner} takes "
                              f"{_describe(hint)}, which cannot be given as text; use the Python API.") from None
     return out

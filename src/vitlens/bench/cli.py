@@ -65,34 +65,41 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _convert_user_params(cfg, method_params: dict, metric_params: dict) -> None:
+def _convert_user_params(cfg, method_params: dict, metric_params: dict, source: Optional[str] = None) -> None:
     """Check method/metric names (close matches) and convert the values of ``--method-param`` /
-    ``--metric-param`` to the types the method's / metric's signature declares (one-line errors)."""
+    ``--metric-param`` to the types the method's / metric's signature declares (one-line errors).
+
+    ``source`` (a config file's name or ``preset NAME``): the values come from there instead of the
+    command line (already parsed; messages name the file; values with no text form pass through)."""
     from .._params import convert_params
     from ..methods import get_method
     from ..metrics.base import get_metric
 
+    mflag, tflag = ("--method-param", "--metric-param") if source is None else (f"{source}: method", f"{source}: metric")
     for spec in cfg.methods:
         info = get_method(spec.method)
         given = method_params.get(spec.label, {})
         if given:
             spec.params.update(convert_params(info.fn, given, info.defaults, owner=f"method '{spec.method}'",
-                                              flag="--method-param", prefix=f"{spec.label}."))
+                                              flag=mflag, prefix=f"{spec.label}.", objects_ok=source is not None))
     def base(name: str) -> str:  # a metric label may run another registered metric ({"metric": ...})
         p = cfg.metric_params.get(name) if isinstance(cfg.metric_params, dict) else None
         return str(p.get("metric", name)) if isinstance(p, dict) else name
 
-    for name in cfg.metrics:
+    names = cfg.metrics
+    if isinstance(names, dict):  # LeGrad presets: the metrics of each dataset kind
+        names = [n for v in names.values() for n in (v if isinstance(v, (list, tuple)) else [v])]
+    for name in names:
         get_metric(base(name))
     for name, given in (metric_params or {}).items():
         if not isinstance(given, dict):
             from ..errors import InputError
 
-            raise InputError(f"--metric-param {name}={given}: write METRIC.KEY=VALUE, e.g. insertion.n_steps=16.")
+            raise InputError(f"{tflag} {name}={given}: write METRIC.KEY=VALUE, e.g. insertion.n_steps=16.")
         given = {k: v for k, v in given.items() if k != "metric"}
         info = get_metric(base(name))
-        conv = convert_params(info.fn, given, info.defaults, owner=f"metric '{name}'", flag="--metric-param",
-                              prefix=f"{name}.")
+        conv = convert_params(info.fn, given, info.defaults, owner=f"metric '{name}'", flag=tflag,
+                              prefix=f"{name}.", objects_ok=source is not None)
         if isinstance(cfg.metric_params, dict) and isinstance(cfg.metric_params.get(name), dict):
             cfg.metric_params[name].update(conv)
 
@@ -121,6 +128,11 @@ def bench_main(args: argparse.Namespace) -> int:
 
             check_device(args.device)
         cfg = build_config(cli, file=args.config, preset=None if (args.preset or args.config) else "default")
+        if args.config or args.preset:  # the file's / preset's own values: the declared types, named errors
+            _convert_user_params(cfg, {s.label: dict(s.params) for s in cfg.methods},
+                                 {k: dict(v) for k, v in (cfg.metric_params or {}).items() if isinstance(v, dict)}
+                                 if isinstance(cfg.metric_params, dict) else {},
+                                 source=args.config or f"preset {args.preset}")
         _convert_user_params(cfg, user_method_params, cli.get("metric_params", {}))
         if args.print_config:
             from .config import resolved

@@ -223,3 +223,27 @@ def close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1
     scale = float(expected.detach().abs().max())
     assert scale > 0, "degenerate reference: an all-zero tensor tests nothing"
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, **kw)
+
+
+def kill_when_rows_appear(proc, db, timeout: float = 240.0, poll: float = 0.02):
+    """SIGKILL the bench process ``proc`` as soon as its database ``db`` holds a committed result row;
+    returns that row count (None if the run ended or the timeout passed first)."""
+    import os
+    import signal
+    import sqlite3
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+                n = con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+                con.close()
+            except sqlite3.Error:
+                n = 0
+            if n > 0:
+                os.kill(proc.pid, signal.SIGKILL)
+                return n
+        time.sleep(poll)
+    return None

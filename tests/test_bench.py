@@ -9,14 +9,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REAL_MODEL, SHARED
+from conftest import REAL_MODEL, SHARED, kill_when_rows_appear
 
 DATA = SHARED / "data" / "imagenet-val-sample"
 PY = sys.executable
@@ -81,21 +80,7 @@ def test_kill9_midway_then_resume_gives_exactly_the_uninterrupted_rows(reference
     out = tmp_path / "crash"
     p = bench(out)
     db = out / "results.sqlite"
-    killed_at = None
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None:
-        if db.exists():
-            try:
-                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-                n = con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-                con.close()
-            except sqlite3.Error:
-                n = 0
-            if n > 0:
-                os.kill(p.pid, signal.SIGKILL)
-                killed_at = n
-                break
-        time.sleep(0.02)
+    killed_at = kill_when_rows_appear(p, db, poll=0.02)
     p.communicate(timeout=60)
     assert killed_at is not None and p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     partial = rows_of(db)

@@ -21,7 +21,7 @@ from PIL import Image
 import vitlens
 from vitlens.errors import InputError
 
-from conftest import IMG, tiny_timm
+from conftest import IMG, kill_when_rows_appear, tiny_timm
 
 PY = sys.executable
 ENV = dict(os.environ, VITLENS_NO_PROGRESS="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -302,21 +302,7 @@ def test_segmentation_bench_kill9_resume_and_pooled_scores(tmp_path):
     p = subprocess.Popen([PY, "-m", "vitlens.bench", *SEG_ARGS, "--data", str(data), "--out", str(out)],
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     db = out / "results.sqlite"
-    killed = False
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None:
-        if db.exists():
-            try:
-                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-                n = con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-                con.close()
-            except sqlite3.Error:
-                n = 0
-            if n > 0:
-                os.kill(p.pid, signal.SIGKILL)
-                killed = True
-                break
-        time.sleep(0.01)
+    killed = kill_when_rows_appear(p, db, poll=0.01) is not None
     log, _ = p.communicate(timeout=60)
     assert killed and p.returncode == -signal.SIGKILL, f"the run finished before it could be killed: {log}"
     partial = rows_of(db)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import TargetError
+from ..errors import TargetError, UnsupportedModelError
 from .targets import Target
 
 
@@ -95,3 +95,24 @@ class CLIPTextMixin:
         img = F.normalize(outputs.float(), dim=-1)
         sim = (img * target.text.to(img.device, img.dtype)).sum(-1)
         return self._logits_from_cos(sim) if kind == "logit" else sim
+
+
+def open_clip_visual(module):
+    """The image tower of an open_clip ``CLIP`` / ``CustomTextCLIP`` (clear error for anything else)."""
+    v = getattr(module, "visual", None)
+    if v is None or not hasattr(module, "encode_text"):
+        raise UnsupportedModelError(f"{type(module).__name__} is not an open_clip CLIP model (needs .visual and "
+                                    ".encode_text).")
+    return v
+
+
+def open_clip_tokenizer(module, tokenizer):
+    """The tokenizer to use: the given one; ``None``: open_clip's CLIP BPE where the text tower has its
+    49408-token vocabulary (else none); ``False``: none (text prompts then raise a clear error)."""
+    if tokenizer is None:
+        import open_clip
+
+        text = getattr(module, "text", None)
+        vocab = getattr(text, "vocab_size", None) or getattr(module, "vocab_size", None)
+        tokenizer = open_clip.tokenize if vocab in (None, 49408) else False
+    return None if tokenizer is False else tokenizer

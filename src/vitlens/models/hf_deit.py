@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from .base import ViTAdapter
-from .hf_vit import set_hf_metadata
+from .hf_vit import add_position, set_hf_metadata
 
 
 class HFDeiTAdapter(ViTAdapter):
@@ -39,12 +39,7 @@ class HFDeiTAdapter(ViTAdapter):
         t = self._patches(x)
         B = t.shape[0]
         t = torch.cat([emb.cls_token.expand(B, -1, -1), emb.distillation_token.expand(B, -1, -1), t], dim=1)
-        h, w = x.shape[-2:]
-        if (h, w) != self.input_size:
-            t = t + emb.interpolate_pos_encoding(t, h, w)
-        else:
-            t = t + emb.position_embeddings
-        return emb.dropout(t)
+        return emb.dropout(add_position(emb, t, x, self.input_size))
 
     def head(self, tokens: Tensor) -> Tensor:
         m = self.module

@@ -39,6 +39,15 @@ def _hf_layer_spec(layer: nn.Module, num_heads: int) -> BlockSpec:
     )
 
 
+def add_position(emb: nn.Module, t: Tensor, x: Tensor, input_size: tuple) -> Tensor:
+    """Tokens ``t`` (prefix + patches) plus the HF embeddings' position encoding, interpolated when the
+    image ``x`` is not the model's ``input_size`` (``interpolate_pos_encoding``, as HF's forward does)."""
+    h, w = x.shape[-2:]
+    if (h, w) != tuple(input_size):
+        return t + emb.interpolate_pos_encoding(t, h, w)
+    return t + emb.position_embeddings
+
+
 def set_hf_metadata(adapter: ViTAdapter, m: nn.Module, body: nn.Module, *, prefix_names: list, mean: tuple,
                     std: tuple, crop_pct: float, interpolation: str) -> None:
     """The adapter fields every Hugging Face ViT-layout classifier shares: blocks (:func:`_hf_layer_spec` of
@@ -84,12 +93,7 @@ class HFViTAdapter(ViTAdapter):
         t = emb.patch_embeddings(x.to(emb.patch_embeddings.projection.weight.dtype))
         cls = emb.cls_token.expand(t.shape[0], -1, -1)
         t = torch.cat([cls, t], dim=1)
-        h, w = x.shape[-2:]
-        if (h, w) != self.input_size:
-            t = t + emb.interpolate_pos_encoding(t, h, w)
-        else:
-            t = t + emb.position_embeddings
-        return emb.dropout(t)
+        return emb.dropout(add_position(emb, t, x, self.input_size))
 
     def head(self, tokens: Tensor) -> Tensor:
         return self.module.classifier(self.body.layernorm(tokens)[:, 0])

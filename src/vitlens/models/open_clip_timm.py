@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from .base import ViTAdapter
-from .clip_common import CLIPTextMixin
+from .clip_common import CLIPTextMixin, open_clip_tokenizer, open_clip_visual
 from .timm_vit import TimmViTAdapter
 
 
@@ -27,9 +27,7 @@ class OpenCLIPTimmAdapter(CLIPTextMixin, ViTAdapter):
     def __init__(self, module: nn.Module, tokenizer: Optional[Callable] = None,
                  class_names: Optional[Sequence[str]] = None, template: str = "a photo of a {}."):
         super().__init__(module)
-        v = getattr(module, "visual", None)
-        if v is None or not hasattr(module, "encode_text"):
-            raise UnsupportedModelError(f"{type(module).__name__} is not an open_clip CLIP model (needs .visual and .encode_text).")
+        v = open_clip_visual(module)
         trunk = getattr(v, "trunk", None)
         if trunk is None or not hasattr(v, "head"):
             raise UnsupportedModelError(f"open_clip image tower {type(v).__name__} is not a TimmModel (no 'trunk').")
@@ -48,15 +46,7 @@ class OpenCLIPTimmAdapter(CLIPTextMixin, ViTAdapter):
         self.crop_pct = 1.0  # open_clip's eval transform: resize shortest side + centre crop at the input size
         self.interpolation = "bicubic"
         self.name = f"open_clip/{t.name}"
-        if tokenizer is None:  # open_clip's CLIP BPE fits only text towers with its 49408-token vocabulary
-            import open_clip
-
-            text = getattr(module, "text", None)
-            vocab = getattr(text, "vocab_size", None) or getattr(module, "vocab_size", None)
-            tokenizer = open_clip.tokenize if vocab in (None, 49408) else False
-        if tokenizer is False:  # no usable tokenizer: text prompts raise a clear error
-            tokenizer = None
-        self._init_text(tokenizer, class_names, template)
+        self._init_text(open_clip_tokenizer(module, tokenizer), class_names, template)
 
     def _text_features(self, prompts: Sequence[str]) -> Tensor:
         tokens = self.tokenizer(list(prompts)).to(self.device)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import TargetError, UnsupportedModelError
 from .base import ViTAdapter
-from .clip_common import CLIPTextMixin
+from .clip_common import CLIPTextMixin, open_clip_tokenizer, open_clip_visual
 from .targets import Target
 from .torchvision_vit import _mha_block_spec
 
@@ -30,9 +30,7 @@ class OpenCLIPAdapter(CLIPTextMixin, ViTAdapter):
     def __init__(self, module: nn.Module, tokenizer: Optional[Callable] = None,
                  class_names: Optional[Sequence[str]] = None, template: str = "a photo of a {}."):
         super().__init__(module)
-        v = getattr(module, "visual", None)
-        if v is None or not hasattr(module, "encode_text"):
-            raise UnsupportedModelError(f"{type(module).__name__} is not an open_clip CLIP model (needs .visual and .encode_text).")
+        v = open_clip_visual(module)
         for need in ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post"):
             if not hasattr(v, need):
                 raise UnsupportedModelError(
@@ -59,13 +57,7 @@ class OpenCLIPAdapter(CLIPTextMixin, ViTAdapter):
         self.mean, self.std = OPENAI_MEAN, OPENAI_STD
         self.crop_pct = 1.0
         self.interpolation = "bicubic"
-        if tokenizer is None:
-            import open_clip
-
-            tokenizer = open_clip.tokenize
-        if tokenizer is False:  # no usable tokenizer: text prompts raise a clear error
-            tokenizer = None
-        self._init_text(tokenizer, class_names, template)
+        self._init_text(open_clip_tokenizer(module, tokenizer), class_names, template)
 
     def _text_features(self, prompts: Sequence[str]) -> Tensor:
         tokens = self.tokenizer(list(prompts)).to(self.device)

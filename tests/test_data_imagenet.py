@@ -98,3 +98,39 @@ def test_errors(tmp_path):
     (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1 2 3\n")
     with pytest.raises(InputError, match="malformed"):
         ImageNetBoxes(root)
+
+
+# inverse of the PIL method exif_transpose applies for each EXIF orientation (those are involutions
+# except the two quarter turns)
+_STORE_AS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_270}
+
+
+def _red_box(a: np.ndarray) -> list:
+    ys, xs = np.nonzero((a[..., 0] > 200) & (a[..., 1] < 50))
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]  # continuous pixel edges
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_follow_the_exif_orientation(orientation, tmp_path):
+    """A file stored rotated/mirrored with an EXIF orientation tag: the box found on the *stored* pixels,
+    mapped by ``orient_boxes``, is where the object is in the image ``load_image`` returns (both read from
+    pixels, so the reference does not use the formulas under test)."""
+    from vitlens.models.preprocess import exif_orientation, image_size, load_image, orient_boxes
+
+    shown = np.zeros((24, 40, 3), np.uint8)
+    shown[3:11, 5:17] = (255, 0, 0)  # the object as a viewer shows it
+    img = Image.fromarray(shown)
+    stored = img if orientation == 1 else img.transpose(_STORE_AS[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "x.png"
+    stored.save(path, exif=exif.tobytes())
+    size, tag = exif_orientation(path)
+    assert tag == orientation and size == stored.size
+    loaded = np.asarray(load_image(path))
+    assert _red_box(loaded) == [5, 3, 17, 11]  # load_image shows it upright
+    assert image_size(path) == (40, 24)
+    mapped = orient_boxes(np.array([_red_box(np.asarray(stored))], float), stored.size, orientation)
+    np.testing.assert_array_equal(mapped, [[5, 3, 17, 11]])

@@ -23,7 +23,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import InputError
 
@@ -130,16 +129,22 @@ class ImageNetBoxes:
         """Boxes of image ``i`` on the input grid: through the model's eval transform (``"model"``, see
         :func:`transform_boxes`) or the TIS pipeline (``"tis"``, :func:`vitlens.data.transforms.tis_boxes`;
         ``size`` must then be 224 x 224)."""
+        from ..models.preprocess import exif_orientation, orient_boxes
+
         s = self.samples[i]
-        with Image.open(s.path) as im:
-            w, h = im.size
+        # the images are read with their EXIF orientation applied: the boxes (annotated on the stored
+        # pixels) follow the same rotation / mirroring
+        (w, h), orientation = exif_orientation(s.path)
+        boxes = orient_boxes(s.boxes, (w, h), orientation)
+        if orientation in (5, 6, 7, 8):
+            w, h = h, w
         if transform == "tis":
             from .transforms import TIS_CROP, tis_boxes
 
             if tuple(size) != TIS_CROP:
                 raise InputError(f"the 'tis' transform produces {TIS_CROP} inputs; the model expects {tuple(size)}.")
-            return tis_boxes(s.boxes, (w, h))
-        return transform_boxes(s.boxes, (w, h), size, crop_pct)
+            return tis_boxes(boxes, (w, h))
+        return transform_boxes(boxes, (w, h), size, crop_pct)
 
     def box_masks(self, indices: Sequence[int], size: tuple[int, int], crop_pct: float,
                   transform: str = "model") -> torch.Tensor:

@@ -147,12 +147,45 @@ def load_image(src: ImageLike, background: str = "white") -> Image.Image:
     raise InputError(f"cannot interpret {type(src).__name__} as an image (give a path, PIL image, array or tensor).")
 
 
-def image_size(path: Union[str, os.PathLike]) -> tuple[int, int]:
-    """(width, height) of an image file as :func:`load_image` shows it (EXIF orientation applied)."""
+def exif_orientation(path: Union[str, os.PathLike]) -> tuple[tuple[int, int], int]:
+    """((width, height) as stored, EXIF orientation tag 1-8; 1 when absent or invalid) of an image file."""
     with Image.open(path) as im:
         w, h = im.size
         orientation = im.getexif().get(0x0112, 1)
+    return (w, h), orientation if orientation in range(1, 9) else 1
+
+
+def image_size(path: Union[str, os.PathLike]) -> tuple[int, int]:
+    """(width, height) of an image file as :func:`load_image` shows it (EXIF orientation applied)."""
+    (w, h), orientation = exif_orientation(path)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def orient_boxes(boxes: np.ndarray, stored_size: tuple[int, int], orientation: int) -> np.ndarray:
+    """(n, 4) boxes (x0, y0, x1, y1, continuous pixel edges) given on the image *as stored* mapped onto
+    the image :func:`load_image` returns, i.e. after ``ImageOps.exif_transpose`` for EXIF ``orientation``
+    (2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90
+    counter-clockwise). ``stored_size`` = (w, h) as stored."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    w, h = stored_size
+    x0, y0, x1, y1 = b.T
+    if orientation == 2:
+        out = (w - x1, y0, w - x0, y1)
+    elif orientation == 3:
+        out = (w - x1, h - y1, w - x0, h - y0)
+    elif orientation == 4:
+        out = (x0, h - y1, x1, h - y0)
+    elif orientation == 5:  # transpose: (x, y) -> (y, x)
+        out = (y0, x0, y1, x1)
+    elif orientation == 6:  # rotated 90 degrees clockwise for display: (x, y) -> (h - y, x)
+        out = (h - y1, x0, h - y0, x1)
+    elif orientation == 7:  # transverse: (x, y) -> (h - y, w - x)
+        out = (h - y1, w - x1, h - y0, w - x0)
+    elif orientation == 8:  # rotated 90 degrees counter-clockwise for display: (x, y) -> (y, w - x)
+        out = (y0, w - x1, y1, w - x0)
+    else:
+        return b.copy()
+    return np.stack(out, axis=1)
 
 
 def eval_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float],

@@ -17,7 +17,12 @@ reported by the runner with the list of available methods.
     ``evaluate.py``, ``datasets/``) ran it:
 
     * model (``config/model/vit.yaml``, ``deit.yaml``): ``vit_base_patch16_224.orig_in21k_ft_in1k`` resp.
-      ``deit_base_patch16_224.fb_in1k``;
+      ``deit_base_patch16_224.fb_in1k``. The repository's ``config/model/`` also has ``vit_32.yaml`` and
+      ``vit_8.yaml`` (``vit_base_patch32_224`` / ``vit_base_patch8_224`` with ``pretrained_cfg:
+      augreg_in21k``, i.e. ImageNet-21k heads of 21843 classes, on which ImageNet-1k labels do not
+      index the right class); no config, README or script ties them to a metric table, so they are not
+      presets (``--preset tis-vit --model vit_base_patch32_224.augreg_in21k_ft_in1k`` runs the same
+      protocol on a 1k-class B/32);
     * data: ``transform="tis"`` (ImageNet mean/std, resize 256 x 256, centre crop 224:
       ``config/transform/ilsvrc2012_albumentations.yaml``; boxes through the same geometry) and
       ``subset="tis5000"`` (``config/dataset/indices/sub5000.yaml``); ground-truth class;

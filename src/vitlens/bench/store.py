@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..errors import VitlensError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS runs (
@@ -146,8 +148,9 @@ class Transaction:
         self.con.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-class StoreWriteError(RuntimeError):
-    """A background write to the results database failed (disk full, database locked, ...)."""
+class StoreWriteError(VitlensError, RuntimeError):
+    """A background write to the results database failed (disk full, database locked, ...): the CLI
+    prints it as one line; the committed work stays and the next run resumes from it."""
 
 
 class _Writer:

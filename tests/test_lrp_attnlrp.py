@@ -52,7 +52,7 @@ def test_layernorm_constant_std_is_conservative_without_bias():
     gy = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
     (gx,) = torch.autograd.grad(y, x, gy)
     # sums of 6 terms: bound the rounding by the terms' magnitude, not by the (possibly ~0) sum
-    torch.testing.assert_close((x * gx).sum(-1), (y * gy).sum(-1), rtol=0, atol=1e-5 * float((y * gy).abs().sum(-1).max()))
+    torch.testing.assert_close((x * gx).sum(-1), (y * gy).sum(-1), rtol=0, atol=1e-5 * float((y * gy).detach().abs().sum(-1).max()))
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.5])

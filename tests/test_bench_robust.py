@@ -361,3 +361,38 @@ def test_report_html_renders_in_headless_chromium(bad_run, chromium, tmp_path):
     assert coloured.mean() > 0.02, coloured.mean()
     rows_used = np.nonzero((im < 250).any(-1).any(-1))[0]
     assert rows_used.max() > 1500  # the page is long: results, errors, curves, examples, protocol
+
+
+def test_report_intervals_follow_the_metric_a_label_runs(tmp_path):
+    """A column labelled ``pg_alias`` (= pointing_game) gets the Wilson interval of a hit rate, and
+    ``sparseness_paper`` the t interval clipped to [0, 1]: the label is resolved to the registered metric
+    (stored in ``metric_names``; for folders written before that table, by the label's prefix)."""
+    from vitlens.bench.report import build_table
+    from vitlens.bench.store import Store
+
+    st = Store(tmp_path / "r.sqlite")
+    st.put_run("rk", label="m", model="x", weights="w", method="rollout", method_params={}, target_rule="label",
+               seed=0, model_info={}, version="v")
+    st.put_protocol("pk1", "pg_alias", {"variant": "hit"}, True, base="pointing_game")
+    st.put_protocol("pk2", "sparseness_paper", {"protocol": "default"}, True, base="sparseness")
+    hits = [1, 1, 1, 0, 1, 1, 1, 1]
+    sp = [1.0, 0.6, 1.0, 1.0, 0.7, 1.0, 1.0, 0.95]
+    from vitlens.bench.report import mean_ci
+
+    assert mean_ci(np.array(sp)).hi > 1.0  # the plain t interval would pass the range's end
+    rows = [dict(run_key="rk", image_id=f"i{k}", metric=lb, protocol_key=pk, model="x", method="m", value=v,
+                 curve=None, xs=None, target=0, method_params={}, protocol={}, version="v", seconds=0.0)
+            for lb, pk, vals in (("pg_alias", "pk1", hits), ("sparseness_paper", "pk2", sp))
+            for k, v in enumerate(vals)]
+    st.put_results(rows)
+    st.close()
+    con = sqlite3.connect(str(tmp_path / "r.sqlite"))
+    t = build_table(con)
+    assert t.cells[("m", "pg_alias")].kind == "wilson" and t.col_metric["pg_alias"] == "pointing_game"
+    c = t.cells[("m", "sparseness_paper")]
+    assert c.kind == "t-clipped" and c.hi == 1.0
+    con.execute("DELETE FROM metric_names")  # a folder from before the table: prefix rule
+    con.commit()
+    t2 = build_table(con)
+    assert t2.col_metric["sparseness_paper"] == "sparseness" and t2.cells[("m", "sparseness_paper")].hi == 1.0
+    assert t2.col_metric["pg_alias"] == "pg_alias" and t2.cells[("m", "pg_alias")].kind == "t"  # unknown: plain t

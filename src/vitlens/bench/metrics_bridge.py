@@ -34,6 +34,7 @@ class BoundMetric:
     protocol: dict
     key: str
     accepts: frozenset
+    base: str = ""  # the registered metric a label runs (``insertion`` for ``insertion_black``)
 
     def __call__(self, model, x, maps, targets, data: dict, batch_size: Optional[int],
                  method: Optional[str] = None, method_params: Optional[dict] = None) -> dict:
@@ -116,4 +117,5 @@ def bind(name: str, overrides: Optional[dict] = None) -> BoundMetric:
     protocol.update(overrides)
     key = key_of(dict(metric=name, protocol=protocol)) if metric == name else \
         key_of(dict(metric=metric, label=name, protocol=protocol))
-    return BoundMetric(name, info.fn, bool(info.higher_is_better), tuple(info.needs), protocol, key, accepts)
+    return BoundMetric(name, info.fn, bool(info.higher_is_better), tuple(info.needs), protocol, key, accepts,
+                       metric)

@@ -191,6 +191,31 @@ def _fmt(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if v == 0 or abs(v) >= 0.01 else f"{v:.{digits - 1}e}"
 
 
+def base_metrics(con: sqlite3.Connection, labels) -> dict:
+    """Metric label -> the registered metric it ran: the store's ``metric_names`` (written since it
+    exists), else the ``metric`` entry of the folder's last config, else the longest registered metric
+    name the label starts with (``insertion_black_paper`` -> ``insertion``), else the label itself."""
+    from ..metrics.base import available_metrics
+
+    out: dict = {}
+    try:
+        out.update(dict(con.execute("SELECT label, metric FROM metric_names")))
+    except sqlite3.Error:
+        pass
+    row = con.execute("SELECT value FROM meta WHERE key='config'").fetchone()
+    mp = (json.loads(row[0]).get("metric_params") or {}) if row else {}
+    registered = sorted(available_metrics(), key=len, reverse=True)
+    for lb in labels:
+        if lb in out:
+            continue
+        p = mp.get(lb) if isinstance(mp, dict) else None
+        if isinstance(p, dict) and p.get("metric"):
+            out[lb] = str(p["metric"])
+            continue
+        out[lb] = next((m for m in registered if lb == m or lb.startswith(m + "_")), lb)
+    return out
+
+
 def build_table(con: sqlite3.Connection, run_keys: Optional[Sequence[str]] = None,
                 protocol_keys: Optional[Sequence[str]] = None) -> Table:
     runs = {r[0]: dict(label=r[1], model=r[2], method=r[3], params=r[4]) for r in
@@ -221,16 +246,18 @@ def build_table(con: sqlite3.Connection, run_keys: Optional[Sequence[str]] = Non
     values = defaultdict(list)
     for rk, pk, v in con.execute("SELECT run_key, protocol_key, value FROM results"):
         values[(rk, pk)].append(float("nan") if v is None else v)
+    base = base_metrics(con, {v["metric"] for v in protos.values()})
     cells = {}
     for r, rk in row_keys.items():
         for c, pk in col_keys.items():
             if (rk, pk) in values:
-                cells[(r, c)] = metric_ci(values[(rk, pk)], protos[pk]["metric"], json.loads(protos[pk]["protocol"]))
+                cells[(r, c)] = metric_ci(values[(rk, pk)], base[protos[pk]["metric"]],
+                                          json.loads(protos[pk]["protocol"]))
     rows = [r for r in sorted(row_keys) if any((r, c) in cells for c in col_keys)]
     cols = [c for c in sorted(col_keys) if any((r, c) in cells for r in rows)]
     return Table(rows, cols, cells, {c: protos[col_keys[c]]["hib"] for c in cols},
                  {r: row_keys[r] for r in rows}, {c: col_keys[c] for c in cols}, models,
-                 {c: protos[col_keys[c]]["metric"] for c in cols},
+                 {c: base[protos[col_keys[c]]["metric"]] for c in cols},
                  {c: json.loads(protos[col_keys[c]]["protocol"]) for c in cols})
 
 
@@ -509,9 +536,13 @@ def protocol_sections(con: sqlite3.Connection, t: Table) -> list[tuple[str, list
     for key in dict.fromkeys((runs[k][2], runs[k][3], runs[k][8]) for k in t.row_keys.values()):
         model, weights, minfo = key
         mi = json.loads(minfo)
-        model_rows.append([model, weights, "x".join(map(str, mi.get("input_size", []))),
-                           f"resize short side to size/{mi.get('crop_pct')}, centre crop, "
-                           f"{mi.get('interpolation', '?')}, mean {mi.get('mean')}, std {mi.get('std')}"])
+        if mi.get("transform") == "tis":
+            how = (f"TIS pipeline (--transform tis): resize to 256 x 256 (aspect ratio not kept), centre crop "
+                   f"224, mean {mi.get('mean')}, std {mi.get('std')}")
+        else:
+            how = (f"resize short side to size/{mi.get('crop_pct')}, centre crop, "
+                   f"{mi.get('interpolation', '?')}, mean {mi.get('mean')}, std {mi.get('std')}")
+        model_rows.append([model, weights, "x".join(map(str, mi.get("input_size", []))), how])
     data_rows = [[str(cfg.get("data", "?")), str(con.execute("SELECT COUNT(*) FROM images").fetchone()[0]),
                   ", ".join(versions) or "?"]]
     metric_rows = []

@@ -297,7 +297,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                           method_params=params, target_rule=cfg.target, seed=cfg.seed, model_info=model_info,
                           version=version)
         for m in metrics:
-            store.put_protocol(m.key, m.name, m.protocol, m.higher_is_better)
+            store.put_protocol(m.key, m.name, m.protocol, m.higher_is_better, base=m.base or m.name)
         store.put_meta({"config": cfg.to_dict(), "version": version, **_class_meta(data)})
         store.put_images([(it.image_id, str(it.path), it.label, it.synset, None if np.isnan(c) else float(c))
                           for it, c in zip(items, cov)])

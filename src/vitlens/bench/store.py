@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS runs (
   target_rule TEXT, seed INTEGER, model_info TEXT, version TEXT, created REAL);
 CREATE TABLE IF NOT EXISTS protocols (
   protocol_key TEXT PRIMARY KEY, metric TEXT, protocol TEXT, higher_is_better INTEGER);
+CREATE TABLE IF NOT EXISTS metric_names (label TEXT PRIMARY KEY, metric TEXT);
 CREATE TABLE IF NOT EXISTS images (
   image_id TEXT PRIMARY KEY, path TEXT, label INTEGER, synset TEXT, coverage REAL);
 CREATE TABLE IF NOT EXISTS maps (
@@ -57,7 +58,9 @@ CREATE TABLE IF NOT EXISTS errors (
   image_id TEXT, stage TEXT, run_key TEXT, metric TEXT, protocol_key TEXT, label TEXT, message TEXT,
   version TEXT, created REAL, PRIMARY KEY (image_id, stage, run_key, protocol_key));
 """
-TABLES = ("meta", "runs", "protocols", "images", "maps", "results", "errors")
+TABLES = ("meta", "runs", "protocols", "metric_names", "images", "maps", "results", "errors")
+#: ``metric_names``: a metric label of the results (``insertion_black``) -> the registered metric it runs
+#: (``insertion``), for the report's value ranges and definitions.
 #: ``errors.stage``: the image could not be read ("image"), a method raised on it ("method"), a metric
 #: raised on it ("metric"). ``run_key``/``protocol_key`` are "" where they do not apply. An error row is
 #: removed when the same work later succeeds (:func:`resolve_errors`); failed work is retried by the
@@ -260,10 +263,13 @@ class Store:
                        canonical(fields["method_params"]), fields["target_rule"], fields["seed"],
                        canonical(fields["model_info"]), fields["version"], time.time()))
 
-    def put_protocol(self, protocol_key: str, metric: str, protocol: dict, higher_is_better: bool) -> None:
+    def put_protocol(self, protocol_key: str, metric: str, protocol: dict, higher_is_better: bool,
+                     base: Optional[str] = None) -> None:
+        """``metric``: the label of the results' column; ``base``: the registered metric it runs."""
         with Transaction(self.con) as c:
             c.execute("INSERT OR IGNORE INTO protocols VALUES (?,?,?,?)",
                       (protocol_key, metric, canonical(protocol), int(bool(higher_is_better))))
+            c.execute("INSERT OR REPLACE INTO metric_names VALUES (?, ?)", (metric, base or metric))
 
     def put_images(self, rows: Iterable[tuple]) -> None:
         with Transaction(self.con) as c:

@@ -11,11 +11,11 @@ SHARED = Path(os.environ.get("VITLENS_SHARED", REPO.parent / "shared"))
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 
-def shared_model():
+def shared_model(device=None):
     import vitlens
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return vitlens.load_model(MODEL, weights=str(SHARED / "models"))
+    return vitlens.load_model(MODEL, weights=str(SHARED / "models"), device=device)
 
 
 def pointing_subset(model, max_box_fraction: float = 0.5):

@@ -47,8 +47,9 @@ def run(args) -> None:
     from vitlens.metrics import deletion, insertion, pointing_hits
 
     warnings.simplefilter("ignore", RuntimeWarning)  # the "no native bf16 on this CPU" notice
-    model = shared_model()
+    model = shared_model(args.device)
     ds, keep, masks, cov = pointing_subset(model)
+    masks, cov = masks.to(model.device), cov.to(model.device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
@@ -60,7 +61,7 @@ def run(args) -> None:
         item = ds[i]
         if item.path.name in done:
             continue
-        x = model.preprocess([item.path])
+        x = model.preprocess([item.path]).to(model.device)
         tg = [item.label]
         row = dict(image=item.path.name, label=item.label, precision=args.precision, steps=args.steps,
                    params={m: params[m] for m in methods}, methods={})
@@ -71,7 +72,8 @@ def run(args) -> None:
             t1 = time.perf_counter()
             b = vitlens.explain(model, x, m, target=tg, precision=args.precision, progress=False, **params[m]).maps
             t2 = time.perf_counter()
-            rec.update(corr=corr(a, b), hit_fp32=float(pointing_hits(a, masks[j:j + 1], coverage=cov[j:j + 1])[0]),
+            rec.update(corr=corr(a.cpu(), b.cpu()),
+                       hit_fp32=float(pointing_hits(a, masks[j:j + 1], coverage=cov[j:j + 1])[0]),
                        hit_low=float(pointing_hits(b, masks[j:j + 1], coverage=cov[j:j + 1])[0]),
                        s_fp32=round(t1 - t0, 2), s_low=round(t2 - t1, 2))
             if args.steps:
@@ -126,6 +128,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "precision_fidelity.jsonl"))
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: the library's default device)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -383,6 +383,10 @@ def test_config_file_values_are_converted_and_checked(tmp_path, capsys):
     assert main(["--config", str(bad), "--print-config"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.toml" in err[0] and "tis.n_masks=many" in err[0] and "an integer" in err[0]
+    # a bad command-line value on top of a good file is blamed on the command-line flag, not on the file
+    assert main(["--config", str(good), "--method-param", "tis.n_masks=lots", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--method-param tis.n_masks=lots" in err[0] and "good.toml" not in err[0]
 
 
 # ----------------------------------------------------------------------------- real model

@@ -128,9 +128,15 @@ def bench_main(args: argparse.Namespace) -> int:
 
             check_device(args.device)
         cfg = build_config(cli, file=args.config, preset=None if (args.preset or args.config) else "default")
-        if args.config or args.preset:  # the file's / preset's own values: the declared types, named errors
-            _convert_user_params(cfg, {s.label: dict(s.params) for s in cfg.methods},
-                                 {k: dict(v) for k, v in (cfg.metric_params or {}).items() if isinstance(v, dict)}
+        if args.config or args.preset:  # the file's / preset's own values (not the command line's, checked
+            # below under their own flag): the declared types, errors naming the file
+            cli_mp = cli.get("metric_params") or {}
+
+            def own(params: dict, given) -> dict:
+                return {k: v for k, v in params.items() if not (isinstance(given, dict) and k in given)}
+
+            _convert_user_params(cfg, {s.label: own(s.params, user_method_params.get(s.label)) for s in cfg.methods},
+                                 {k: own(v, cli_mp.get(k)) for k, v in cfg.metric_params.items() if isinstance(v, dict)}
                                  if isinstance(cfg.metric_params, dict) else {},
                                  source=args.config or f"preset {args.preset}")
         _convert_user_params(cfg, user_method_params, cli.get("metric_params", {}))

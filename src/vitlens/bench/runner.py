@@ -151,19 +151,6 @@ def _robust(fn, items: list) -> np.ndarray:
         return np.asarray(out, dtype=np.float64)
 
 
-def use_input_normalisation(model, mean, std) -> None:
-    """Make the adapter's ``mean``/``std`` describe the inputs the bench feeds it.
-
-    ``--transform tis`` normalises with ImageNet's mean/std whatever the model was trained with (as TIS's
-    dataset config does for its ViT-B, trained at mean = std = 0.5). Everything that maps the input tensor
-    back to pixels reads ``adapter.mean``/``adapter.std``: the ``paper`` substrates of insertion/deletion
-    (pixel black, pixel noise), the perturbation metric's baseline, the methods' pixel-black baselines and
-    the report's overlays. Without this they would un-normalise ImageNet-normalised inputs with the model's
-    statistics (for the ViT above: pixel black would be -1 instead of -mean/std, about -2.1). The model's
-    own weights and forward pass are untouched; the bench's adapter is its own object."""
-    model.mean, model.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-
-
 def load_images(model, paths: list, transform: str = "model") -> torch.Tensor:
     """The model's own eval transform; the generic one (resize short side to size/crop_pct, centre crop)
     when the former does not produce the model's input size (e.g. timm models built with ``img_size``).
@@ -261,8 +248,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         torch.manual_seed(cfg.seed)  # a random-weights model is the same in every process
         model = vitlens.load_model(cfg.model, weights=cfg.weights, device=device, **cfg.model_args)
         model.module.eval()
-        if cfg.transform == "tis":
-            use_input_normalisation(model, IMAGENET_MEAN, IMAGENET_STD)
+        if cfg.transform == "tis":  # ImageNet-normalised inputs: pixel-space substrates and overlays follow
+            model.set_input_normalisation(IMAGENET_MEAN, IMAGENET_STD)
         data.prepare_model(model)
         _preflight(cfg, data, model)
         items, cov = select_items(cfg, data, model)

@@ -60,7 +60,10 @@ def tis_image(image) -> torch.Tensor:
 
 
 def tis_images(images: Iterable) -> torch.Tensor:
-    """A (B, 3, 224, 224) batch by the TIS pipeline."""
+    """A (B, 3, 224, 224) batch by the TIS pipeline. These inputs are ImageNet-normalised whatever the
+    model was trained with: call ``adapter.set_input_normalisation(IMAGENET_MEAN, IMAGENET_STD)`` before
+    metrics that work in pixel space (the ``paper`` substrates) or overlays (``vitlens bench
+    --transform tis`` does)."""
     images = list(images)
     if not images:
         raise InputError("no images given.")

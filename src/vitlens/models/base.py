@@ -128,6 +128,17 @@ class ViTAdapter:
                 f"patch {self.patch_size[0]}x{self.patch_size[1]}, {pre}, pool={self.pool})")
 
     # ------------------------------------------------------------------ input
+    def set_input_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Declare that the inputs this adapter is given are normalised with ``mean``/``std`` (per channel)
+        rather than with the model's own statistics, e.g. the TIS pipeline
+        (:func:`vitlens.data.transforms.tis_images`, ImageNet mean/std whatever the model was trained with).
+
+        Everything that maps an input tensor back to pixels reads ``mean``/``std``: the ``paper`` substrates
+        of insertion/deletion (pixel black, pixel noise), the perturbation metrics' baseline, the methods'
+        pixel-black baselines and the overlays; :meth:`preprocess` then normalises with them too. The
+        weights and the forward pass are untouched."""
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
     def check_input(self, x: Tensor) -> Tensor:
         """Validate a (B, 3, H, W) batch for this model and move it to the model's device/dtype."""
         check_images(x, patch_size=self.patch_size,

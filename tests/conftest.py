@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,3 +248,20 @@ def kill_when_rows_appear(proc, db, timeout: float = 240.0, poll: float = 0.02):
                 return n
         time.sleep(poll)
     return None
+
+
+def write_mat(path, images, masks) -> None:
+    """gtsegs_ijcv.mat as MATLAB v7.3 writes it (HDF5): /value/img and /value/gt hold object references,
+    images stored (3, W, H), masks behind one more (1, 1) reference, stored (W, H)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        ri = np.empty((len(images), 1), dtype=h5py.ref_dtype)
+        rg = np.empty((len(images), 1), dtype=h5py.ref_dtype)
+        for i, (im, m) in enumerate(zip(images, masks)):
+            d = f.create_dataset(f"#refs#/i{i}", data=im.transpose(2, 1, 0))
+            g = f.create_dataset(f"#refs#/g{i}", data=m.T)
+            inner = f.create_dataset(f"#refs#/r{i}", data=np.array([[g.ref]], dtype=h5py.ref_dtype))
+            ri[i, 0], rg[i, 0] = d.ref, inner.ref
+        f.create_dataset("value/img", data=ri)
+        f.create_dataset("value/gt", data=rg)

@@ -21,7 +21,7 @@ from PIL import Image
 import vitlens
 from vitlens.errors import InputError
 
-from conftest import IMG, kill_when_rows_appear, tiny_timm
+from conftest import IMG, kill_when_rows_appear, tiny_timm, write_mat
 
 PY = sys.executable
 ENV = dict(os.environ, VITLENS_NO_PROGRESS="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -33,23 +33,6 @@ POINTS_HEADER = "ImageId,X,Y,Label,EstimatedYesNo,Source,YesVotes,NoVotes,Unsure
 
 
 # ------------------------------------------------------------------------------------------- miniatures
-def write_mat(path: Path, images, masks) -> None:
-    """gtsegs_ijcv.mat as MATLAB v7.3 writes it (HDF5): /value/img and /value/gt hold object references,
-    images stored (3, W, H), masks behind one more (1, 1) reference, stored (W, H)."""
-    import h5py
-
-    with h5py.File(path, "w") as f:
-        ri = np.empty((len(images), 1), dtype=h5py.ref_dtype)
-        rg = np.empty((len(images), 1), dtype=h5py.ref_dtype)
-        for i, (im, m) in enumerate(zip(images, masks)):
-            d = f.create_dataset(f"#refs#/i{i}", data=im.transpose(2, 1, 0))
-            g = f.create_dataset(f"#refs#/g{i}", data=m.T)
-            inner = f.create_dataset(f"#refs#/r{i}", data=np.array([[g.ref]], dtype=h5py.ref_dtype))
-            ri[i, 0], rg[i, 0] = d.ref, inner.ref
-        f.create_dataset("value/img", data=ri)
-        f.create_dataset("value/gt", data=rg)
-
-
 def mini_seg(root: Path, n: int = 4) -> Path:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)

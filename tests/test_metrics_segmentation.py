@@ -11,22 +11,7 @@ from vitlens.data import ImageNetSegmentation
 from vitlens.errors import InputError
 from vitlens.metrics import average_precision, segmentation, segmentation_scores
 
-from conftest import IMG, tiny_timm
-
-
-def _write_mat(path, images, masks):
-    import h5py
-
-    with h5py.File(path, "w") as f:
-        ri = np.empty((len(images), 1), dtype=h5py.ref_dtype)
-        rg = np.empty((len(images), 1), dtype=h5py.ref_dtype)
-        for i, (im, m) in enumerate(zip(images, masks)):
-            d = f.create_dataset(f"#refs#/i{i}", data=im.transpose(2, 1, 0))
-            g = f.create_dataset(f"#refs#/g{i}", data=m.T)
-            inner = f.create_dataset(f"#refs#/r{i}", data=np.array([[g.ref]], dtype=h5py.ref_dtype))
-            ri[i, 0], rg[i, 0] = d.ref, inner.ref
-        f.create_dataset("value/img", data=ri)
-        f.create_dataset("value/gt", data=rg)
+from conftest import IMG, tiny_timm, write_mat
 
 
 def test_loader_reads_generated_mat(tmp_path):
@@ -36,7 +21,7 @@ def test_loader_reads_generated_mat(tmp_path):
     masks[0][5:20, 10:30] = 1
     masks[1][:25] = 1
     p = tmp_path / "gtsegs_ijcv.mat"
-    _write_mat(p, images, masks)
+    write_mat(p, images, masks)
     ds = ImageNetSegmentation(p)
     assert len(ds) == 2
     np.testing.assert_array_equal(np.array(ds.image(1)), images[1])

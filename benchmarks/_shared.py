@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VITLENS_SHARED", REPO.parent / "shared"))

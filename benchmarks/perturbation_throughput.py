@@ -55,7 +55,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import vitlens
     from vitlens.batching import resolve_batch_size
-    from vitlens.methods._perturbation_utils import tokens_per_input
 
     model = shared_model()
     model.module.to(args.device)
@@ -71,7 +70,7 @@ def main() -> None:
     for method in args.methods.split(","):
         params = {"n_masks": args.n_masks} if method == "rise" else {}
         n_inputs = len(ids) * (args.n_masks if method == "rise" else D)
-        batch = resolve_batch_size(args.batch, model, tokens_per_input(model, x), n_inputs)
+        batch = resolve_batch_size(args.batch, model, model.num_tokens(x), n_inputs)
         bare1 = bare_forward_seconds(model, x, n_inputs, batch)
         _sync(x.device)
         t0 = time.perf_counter()

@@ -173,8 +173,8 @@ def test_hf_deit_prefix_tokens_and_both_heads(images):
 
 
 CHEAP = {"rise": dict(n_masks=4), "occlusion": dict(window=32), "integrated_gradients": dict(n_steps=2),
-         "smoothgrad": dict(n_samples=2), "tis": dict(n_masks=8, max_iter=5), "bt_head": dict(steps=2, start_layer=0),
-         "bt_token": dict(steps=2, start_layer=0), "tam": dict(steps=2), "textspan": dict(n_layers=1)}
+         "smoothgrad": dict(n_samples=2), "tis": dict(n_masks=8, max_iter=5), "bt_head": dict(steps=2, layers=None),
+         "bt_token": dict(steps=2, layers=None), "tam": dict(steps=2), "textspan": dict(layers=1)}
 NEEDS_CLS = {"raw_attention", "rollout", "attention_cam", "chefer1", "chefer2", "partial_lrp", "tam",
              "bt_head", "bt_token", "textspan"}
 

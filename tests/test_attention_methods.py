@@ -266,7 +266,7 @@ def test_bt_matches_reference(name, variant):
     a = make(name)
     x = x_batch()
     tg = targets_for(name)
-    got = ours(a, x, variant, tg, steps=3, start_layer=0)
+    got = ours(a, x, variant, tg, steps=3, layers=None)
     cls = a.cls_index
     for i in range(2):
         x1 = x[i:i + 1]
@@ -307,7 +307,7 @@ def test_batch_equals_single_images_and_targets_matter():
     a = make("timm_registers")
     x = x_batch()
     for method, params in [("chefer2", {}), ("attention_cam", {"relu": False}), ("gradcam", {}), ("tam", {"steps": 3}),
-                           ("bt_head", {"steps": 3, "start_layer": 1})]:
+                           ("bt_head", {"steps": 3, "layers": [1]})]:
         both = ours(a, x, method, CLASSES, batch_size=2, **params)
         for i in range(2):
             one = ours(a, x[i:i + 1], method, [CLASSES[i]], **params)
@@ -325,10 +325,10 @@ def test_bad_parameters_raise():
         vitlens.explain(a, x, "rollout", discard_ratio=1.0)
     with pytest.raises(InputError, match="steps"):
         vitlens.explain(a, x, "tam", steps=1)
-    with pytest.raises(InputError, match="layer"):
-        vitlens.explain(a, x, "raw_attention", layer=5)
-    with pytest.raises(InputError, match="start_layer"):
-        vitlens.explain(a, x, "bt_head")  # default start_layer=3, the tiny model has 2 blocks
+    with pytest.raises(InputError, match="layers"):
+        vitlens.explain(a, x, "raw_attention", layers=[5])
+    with pytest.raises(InputError, match="'start_layer' of method 'bt_head' is now 'layers'"):
+        vitlens.explain(a, x, "bt_head", start_layer=3)
     with pytest.raises(InputError, match="site"):
         vitlens.explain(a, x, "gradcam", site="attn")
 

@@ -66,7 +66,7 @@ def test_textspan_matches_decomposition(name, n_layers):
     a = make(name)
     x = x_batch()
     tg = PROMPTS if name == "open_clip" else CLASSES
-    got = ours(a, x, "textspan", tg, n_layers=n_layers)
+    got = ours(a, x, "textspan", tg, layers=n_layers)
     for i in range(2):
         ref = _reference(name, a, x[i:i + 1], i, a.num_blocks if n_layers is None else n_layers)
         close(got[i], grid(a, ref), rtol=1e-3)
@@ -76,15 +76,17 @@ def test_textspan_class_targets_on_clip_use_the_class_prompt():
     a = make("open_clip")
     a.set_classes(["dog", "red car", "tree"], template="a photo of a {}")
     x = x_batch()
-    by_class = ours(a, x, "textspan", [0, 1], n_layers=None)
-    by_prompt = ours(a, x, "textspan", ["a photo of a dog", "a photo of a red car"], n_layers=None)
+    by_class = ours(a, x, "textspan", [0, 1], layers=None)
+    by_prompt = ours(a, x, "textspan", ["a photo of a dog", "a photo of a red car"], layers=None)
     close(by_class, by_prompt, rtol=1e-4)  # text features from batches of 3 vs 2 prompts: float32 order differs
-    contrasted = ours(a, x, "textspan", [0, 1], n_layers=None, contrast="class_mean")
+    contrasted = ours(a, x, "textspan", [0, 1], layers=None, contrast="class_mean")
     assert not torch.allclose(contrasted, by_class)
 
 
 def test_textspan_errors():
     with pytest.raises(UnsupportedModelError, match="CLS"):
         vitlens.explain(make("timm_avgpool"), x_batch(), "textspan", target=1)
-    with pytest.raises(InputError, match="n_layers"):
-        vitlens.explain(make("open_clip"), x_batch(), "textspan", target="a dog", n_layers=3)
+    with pytest.raises(InputError, match="last 3 blocks but the model has"):
+        vitlens.explain(make("open_clip"), x_batch(), "textspan", target="a dog", layers=3)
+    with pytest.raises(InputError, match="'n_layers' of method 'textspan' is now 'layers'"):
+        vitlens.explain(make("open_clip"), x_batch(), "textspan", target="a dog", n_layers=1)

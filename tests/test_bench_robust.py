@@ -234,8 +234,9 @@ def bad_run(tmp_path_factory):
     from vitlens.bench.runner import load_images
 
     x1 = load_images(model, [root / "data" / "images" / f"{ids[1]}.JPEG"])  # as the runner decodes it
-    info = mbase.MethodInfo("_flaky_test", _flaky_factory(x1[0, :, 0, 0].clone()), "attention", True, "test", {})
-    mbase._REGISTRY["_flaky_test"] = info
+    info = mbase.MethodInfo("_flaky_test", _flaky_factory(x1[0, :, 0, 0].clone()), mbase.MethodKind.ATTENTION, True,
+                            "test", {})
+    mbase.REGISTRY.add(info)
     cfg = BenchConfig(out=str(root / "out"), model="vit_tiny_patch16_224", weights="random",
                       model_args=dict(img_size=64, depth=2), data=str(root / "data"),
                       methods={"rollout": {}, "flaky": {"method": "_flaky_test"}},
@@ -245,7 +246,7 @@ def bad_run(tmp_path_factory):
         summary = run_bench(cfg)
         yield root, ids, cfg, summary
     finally:
-        mbase._REGISTRY.pop("_flaky_test", None)
+        mbase.REGISTRY.remove("_flaky_test")
 
 
 def _q(db: Path, sql: str) -> list:
@@ -301,7 +302,7 @@ def test_failed_work_is_retried_and_resolved_when_it_succeeds(bad_run, tmp_path)
     sub = (work / "out" / "this-run" / "results.md").read_text()
     assert "| rollout |" in sub and "| flaky |" not in sub
     assert len(_q(db, "SELECT * FROM errors")) == 3  # the original folder is untouched
-    assert "_flaky_test" in mbase._REGISTRY
+    assert "_flaky_test" in mbase.REGISTRY
 
 
 @needs_shared

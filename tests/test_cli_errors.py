@@ -48,7 +48,7 @@ BAD = [
     (["explain", "{d}/img.png", "--param", "n_masks=3.5", *MODEL], r"--param n_masks=3\.5: .* takes an integer"),
     (["explain", "{d}/img.png", "--param", "ratio=half", *MODEL], r"--param ratio=half: .* takes a number"),
     (["explain", "{d}/img.png", "--param", "return_masks=maybe", *MODEL], r"return_masks=maybe: .*true or false"),
-    (["explain", "{d}/img.png", "--method", "vitcx", "--param", "layer=top", *MODEL], r"--param layer=top: .*integer"),
+    (["explain", "{d}/img.png", "--method", "vitcx", "--param", "layers=top", *MODEL], r"--param layers=top: .*integer"),
     (["explain", "{d}/img.png", "--method", "rise", "--param", "masks=x", *MODEL], r"--param masks: .*Python API"),
     (["explain", "{d}/img.png", "--param", "noequals", *MODEL], r"--param expects KEY=VALUE, got 'noequals'"),
     (["explain", "{d}/img.png", "--param", "=3", *MODEL], r"--param expects KEY=VALUE, got '=3'"),
@@ -124,11 +124,15 @@ def test_debug_shows_the_traceback(files):
 
 
 def test_param_values_take_the_declared_type():
-    assert _parse_params(["n_masks=8", "ratio=0.25", "return_masks=true", "score=logit", "seed=3"], "tis") == \
-        dict(n_masks=8, ratio=0.25, return_masks=True, score="logit", seed=3)
-    got = _parse_params(["layer=1", "delta=none", "pcb=off", "sigma=1"], "vitcx")
-    assert got == dict(layer=1, delta=None, pcb=False, sigma=1.0) and isinstance(got["sigma"], float)
-    assert _parse_params(["layer=0,1"], "vitcx") == dict(layer=[0, 1])
+    assert _parse_params(["n_masks=8", "ratio=0.25", "return_masks=true", "score=logit"], "tis") == \
+        dict(n_masks=8, ratio=0.25, return_masks=True, score="logit")
+    with pytest.raises(InputError, match="'seed' is a run setting, not a parameter of method 'tis'.*--seed"):
+        _parse_params(["seed=3"], "tis")
+    got = _parse_params(["layers=1", "delta=none", "pcb=off", "sigma=1"], "vitcx")
+    assert got == dict(layers=1, delta=None, pcb=False, sigma=1.0) and isinstance(got["sigma"], float)
+    assert _parse_params(["layers=0,1"], "vitcx") == dict(layers=[0, 1])
+    assert _parse_params(["layers=0.4"], "legrad") == dict(layers=0.4)
+    assert _parse_params(["site=attn_branch"], "vitcx") == dict(site="attn_branch")
     assert _parse_params(["window=16,32", "stride=8"], "occlusion") == dict(window=(16, 32), stride=8)
 
 

@@ -34,8 +34,8 @@ pytestmark = [pytest.mark.cuda,
                                  reason="needs a CUDA device (torch.cuda.is_available() is False)")]
 
 LIGHT = {"tis": dict(n_masks=32), "rise": dict(n_masks=64), "integrated_gradients": dict(n_steps=8),
-         "smoothgrad": dict(n_samples=4), "bt_head": dict(steps=4, start_layer=0),
-         "bt_token": dict(steps=4, start_layer=0), "tam": dict(steps=4), "vitcx": dict(sigma=0.0)}
+         "smoothgrad": dict(n_samples=4), "bt_head": dict(steps=4, layers=None),
+         "bt_token": dict(steps=4, layers=None), "tam": dict(steps=4), "vitcx": dict(sigma=0.0)}
 DISCRETE = ("tis", "vitcx")
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import vitlens
 from vitlens.errors import InputError, TargetError, UnsupportedModelError
-from vitlens.methods.legrad import select_layers
+from vitlens.models.layers import take_indices as select_layers
 
 from conftest import IMG, TINY_FACTORIES, tiny_timm
 
@@ -125,7 +125,7 @@ def _targets(name, n):
 def test_matches_slow_reference_every_family(name, images):
     module = _module(name)
     tg = _targets(name, 2)
-    exp = vitlens.explain(module, images, "legrad", target=tg, layers="all", pooling="model", normalise=False)
+    exp = vitlens.explain(module, images, "legrad", target=tg, layers=None, pooling="model", normalise=False)
     slow = slow_legrad(name, module, images, tg, layers=[0, 1],
                        kind="similarity" if name == "open_clip" else "logit")
     _close(exp.token_maps, slow)
@@ -142,11 +142,11 @@ def test_layer_selection_matches_reference(layers, expect, images):
 
 def test_prob_score_and_mean_pooling_match_reference(images):
     module = TINY_FACTORIES["timm_vit"]()
-    exp = vitlens.explain(module, images, "legrad", target=[4, 5], score="prob", layers="all", normalise=False)
+    exp = vitlens.explain(module, images, "legrad", target=[4, 5], score="prob", layers=None, normalise=False)
     _close(exp.token_maps, slow_legrad("timm_vit", module, images, [4, 5], [0, 1], kind="prob"))
     clip = TINY_FACTORIES["open_clip"]()
     tg = ["a dog", "a cat"]
-    exp = vitlens.explain(clip, images, "legrad", target=tg, pooling="mean", layers="all", normalise=False)
+    exp = vitlens.explain(clip, images, "legrad", target=tg, pooling="mean", layers=None, normalise=False)
     _close(exp.token_maps, slow_legrad("open_clip", clip, images, tg, [0, 1], "similarity", pooling="mean"))
 
 
@@ -162,7 +162,7 @@ def test_pooler_head_matches_library(images):
     torch.testing.assert_close(seen[0].sum(-1), torch.ones(2, a.num_heads, 1))
 
 
-@pytest.mark.parametrize("layers,expect", [(None, [1]), ("all", [0, 1]), (1, [1])])
+@pytest.mark.parametrize("layers,expect", [(0.4, [1]), (None, [0, 1]), (1, [1])])
 def test_attentional_pooler_matches_reference(layers, expect, images):
     m = tiny_siglip_like()
     exp = vitlens.explain(m, images, "legrad", target=[2, 9], layers=layers, normalise=False)
@@ -188,7 +188,7 @@ def test_several_targets_per_image_equal_single_runs(name, images):
 def test_background_correction(images):
     clip = TINY_FACTORIES["open_clip"]()
     tg = ["a dog", "a cat"]
-    exp = vitlens.explain(clip, images, "legrad", target=tg, correction=True, layers="all", pooling="model",
+    exp = vitlens.explain(clip, images, "legrad", target=tg, correction=True, layers=None, pooling="model",
                           normalise=False)
     raw = slow_legrad("open_clip", clip, images, tg, [0, 1], "similarity")
     bg = slow_legrad("open_clip", clip, images, ["a photo of a"] * 2, [0, 1], "similarity")  # released prompt
@@ -196,7 +196,7 @@ def test_background_correction(images):
     suppress = (bg - lo) / (bg.amax((1, 2), keepdim=True) - lo) > 0.8
     assert suppress.any()
     _close(exp.token_maps, raw.masked_fill(suppress, 0.0))
-    plain = vitlens.explain(clip, images, "legrad", target=tg, layers="all", pooling="model",
+    plain = vitlens.explain(clip, images, "legrad", target=tg, layers=None, pooling="model",
                             normalise=False)  # off by default for CLIP
     _close(plain.token_maps, raw)
     with pytest.raises(UnsupportedModelError, match="text prompts"):
@@ -221,10 +221,10 @@ def test_no_side_effects_and_works_under_no_grad(images):
 
 
 def test_select_layers_and_errors(images):
-    assert select_layers("all", 5) == [0, 1, 2, 3, 4]
-    assert select_layers(None, 5) == select_layers("paper", 5) == [3, 4]  # last 40 %: ceil(0.4 * 5) = 2
-    assert select_layers("paper", 12) == [7, 8, 9, 10, 11] and select_layers("paper", 24) == list(range(14, 24))
-    assert select_layers("released", 12) == [10, 11] and select_layers("released", 1) == [0]
+    assert select_layers(None, 5) == [0, 1, 2, 3, 4]
+    assert select_layers(0.4, 5) == [3, 4]  # the paper's default, last 40 %: ceil(0.4 * 5) = 2
+    assert select_layers(0.4, 12) == [7, 8, 9, 10, 11] and select_layers(0.4, 24) == list(range(14, 24))
+    assert select_layers(2, 12) == [10, 11] and select_layers(1, 1) == [0]  # the released code's last 2
     assert select_layers(2, 5) == [3, 4]
     assert select_layers(0.4, 5) == [3, 4]
     assert select_layers(0.4, 12) == [7, 8, 9, 10, 11]
@@ -233,6 +233,9 @@ def test_select_layers_and_errors(images):
     for bad in (0, 6, [5], [], 1.5, True, "last"):
         with pytest.raises(InputError):
             select_layers(bad, 5)
+    for old, new in (("paper", "0.4"), ("all", "None"), ("released", "2")):  # the old names say what replaced them
+        with pytest.raises(InputError, match=f"layers='{old}' of method 'legrad' is now layers={new}"):
+            vitlens.explain(tiny_timm("vit"), images, "legrad", target=1, layers=old)
     m = tiny_timm("vit")
     with pytest.raises(InputError, match="score"):
         vitlens.explain(m, images, "legrad", target=1, score="entropy")

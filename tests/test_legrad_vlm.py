@@ -133,7 +133,7 @@ def _close(fast, slow):
 
 
 @pytest.mark.parametrize("name", ["open_clip", "hf_clip"])
-@pytest.mark.parametrize("layers,expect", [(None, [1]), ("released", [0, 1])])
+@pytest.mark.parametrize("layers,expect", [(0.4, [1]), (2, [0, 1])])
 def test_clip_default_pooling_is_the_released_token_mean(name, layers, expect, images):
     m = TINY_FACTORIES[name]() if name == "open_clip" else VLM_FACTORIES[name]()
     a = wrap_tiny(name, m)
@@ -146,12 +146,12 @@ def test_clip_default_pooling_is_the_released_token_mean(name, layers, expect, i
 def test_siglip_default_is_the_released_pooler_input_with_correction(name, images):
     m = VLM_FACTORIES[name]()
     a = wrap_tiny(name, m)
-    exp = vitlens.explain(a, images, "legrad", target=PROMPTS, layers="all", normalise=False)
+    exp = vitlens.explain(a, images, "legrad", target=PROMPTS, layers=None, normalise=False)
     assert exp.extras["pooling"] == "pooler-prenorm" and exp.extras["correction"] is True
     ref = slow_released_siglip(name, m, images, PROMPTS, [0, 1])
     _close(exp.token_maps, ref / 2)
     # the model's own head (final norm before the pooler) is the option, and it differs
-    own = vitlens.explain(a, images, "legrad", target=PROMPTS, layers="all", pooling="model", correction=False,
+    own = vitlens.explain(a, images, "legrad", target=PROMPTS, layers=None, pooling="model", correction=False,
                           normalise=False)
     _close(own.token_maps, slow_released_siglip(name, m, images, PROMPTS, [0, 1], correction=False, norm=True) / 2)
     assert not torch.allclose(own.token_maps, exp.token_maps)
@@ -161,7 +161,7 @@ def test_correction_prompt_is_the_released_one():
     from vitlens.methods import get_method
 
     d = get_method("legrad").defaults
-    assert d["correction_prompt"] == "a photo of a" and d["layers"] == "paper" and d["pooling"] == "auto"
+    assert d["correction_prompt"] == "a photo of a" and d["layers"] == 0.4 and d["pooling"] == "auto"
 
 
 def test_pooling_errors(images):

@@ -13,7 +13,7 @@ from torch import nn
 import vitlens
 from vitlens.errors import InputError, UnsupportedModelError
 from vitlens.methods import get_method
-from vitlens.methods._lrp import _IdentityRule, epsilon_grad, layer_norm_const, scale_grad
+from vitlens.methods._lrp_rules import _IdentityRule, epsilon_grad, layer_norm_const, scale_grad
 
 from conftest import IMG, TINY_FACTORIES, close_to_scale, tiny_timm, tiny_torchvision
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import vitlens
 from vitlens.errors import InputError, UnsupportedModelError
 from vitlens.methods import get_method
-from vitlens.methods._lrp import add_rule, chefer_propagate, matmul_rule, zplus_linear
+from vitlens.methods._lrp_chefer import chefer_propagate
+from vitlens.methods._lrp_rules import add_rule, matmul_rule, zplus_linear
 
 from conftest import TINY_FACTORIES, close_to_scale, tiny_timm, tiny_torchvision
 from test_lrp_attnlrp import _ln_fwd, _model_params
@@ -159,7 +160,7 @@ def _setup(family):
 def test_chefer1_matches_slow_reference(family, mode, start, images):
     m, a = _setup(family)
     target = torch.tensor([3, 8])
-    res = get_method("chefer1")(a, images, target, matmul_rule=mode, start_layer=start)
+    res = get_method("chefer1")(a, images, target, matmul_rule=mode, layers=list(range(start, a.num_blocks)))
     blocks, final_ln, head = _model_params(family, m)
     rel_A, grads, _ = slow_chefer(blocks, final_ln, head, a.embed(images).detach(), target, mode)
     T = grads[0].shape[-1]
@@ -206,8 +207,8 @@ def test_chefer1_batching_and_explain(images):
 
 def test_chefer_clear_errors(images):
     a = vitlens.wrap_model(tiny_timm("vit"))
-    with pytest.raises(InputError, match="start_layer"):
-        get_method("chefer1")(a, images, 1, start_layer=5)
+    with pytest.raises(InputError, match="layers"):
+        get_method("chefer1")(a, images, 1, layers=[5])
     with pytest.raises(InputError, match="matmul_rule"):
         get_method("chefer1")(a, images, 1, matmul_rule="third")
     with pytest.raises(InputError, match="variant"):

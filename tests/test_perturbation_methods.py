@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import vitlens
 from vitlens.errors import InputError, TargetError
-from vitlens.methods.rise import rise_grids, rise_masks, rise_masks_from_grids
+from vitlens.methods.rise import rise_grids, rise_masks
 
 from conftest import IMG, close_to_scale, tiny_hf, tiny_open_clip, tiny_timm, tiny_torchvision
 
@@ -228,7 +228,7 @@ def test_scorecam_matches_equation(family, weights):
 def test_scorecam_errors():
     _, a, _, _ = _setup("timm")
     with pytest.raises(InputError, match="out of range"):
-        vitlens.explain(a, _images(), "scorecam", layer=5)
+        vitlens.explain(a, _images(), "scorecam", layers=[5])
     with pytest.raises(InputError, match="site"):
         vitlens.explain(a, _images(), "scorecam", site="qkv")
 
@@ -280,7 +280,7 @@ def test_integrated_gradients_completeness_from_black():
 
 def test_gradient_methods_bad_reduce():
     _, a, _, _ = _setup("timm")
-    with pytest.raises(InputError, match="channel reduction"):
+    with pytest.raises(InputError, match="parameter 'reduce' of method .* takes one of 'abs_sum'"):
         vitlens.explain(a, _images(), "integrated_gradients", reduce="mean", n_steps=2)
 
 

@@ -10,14 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vitlens
 from vitlens.errors import InputError
 from vitlens.metrics import deletion, get_metric, insertion
 from vitlens.metrics.causal import make_substrate, tis_blur
 
-from conftest import IMG, SHARED, tiny_timm
+from conftest import IMG, SHARED
 
 SUBSTRATES = ("blur", "black", "mean", "random")
 
@@ -316,8 +315,8 @@ def test_presets_pinned():
     m = p["methods"]
     assert m["rise"] == {"n_masks": 4000, "s": 8, "p": 0.1, "score": "logit", "baseline": "zero"}
     assert m["rollout"] == {"discard_ratio": 0.9, "head_fusion": "mean", "variant": "vit_explain"}
-    assert m["bt_head"]["start_layer"] == 0 and m["bt_token"]["start_layer"] == 0
-    assert m["tam"] == {"start_layer": 0, "steps": 20} and m["vitcx"] == {"feature": "norm1"}
+    assert m["bt_head"]["layers"] is None and m["bt_token"]["layers"] is None
+    assert m["tam"] == {"layers": None, "steps": 20} and m["vitcx"] == {"site": "norm1"}
     assert m["tis"]["n_masks"] == 1024 and m["tis"]["ratio"] == 0.5 and m["tis"]["normalise_output"]
     assert m["integrated_gradients"] == {"n_steps": 50, "ig_method": "gausslegendre", "baseline": "zero",
                                          "reduce": "sum", "score": "logit"}

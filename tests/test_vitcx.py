@@ -171,7 +171,7 @@ def test_matches_reference(name, site, n_images, delta):
     a = vitlens.wrap_model(module)
     targets = [3, 7][:n_images]
     ref, ref_labels = reference_vitcx(name, module, x, targets, site=site, delta=0.1 if delta is None else delta)
-    exp = vitlens.explain(a, x, method="vitcx", target=targets, feature=site, return_masks=True, batch_size=16,
+    exp = vitlens.explain(a, x, method="vitcx", target=targets, site=site, return_masks=True, batch_size=16,
                           delta=delta, normalise=False)
     for got, want in zip(exp.extras["cluster_labels"], ref_labels):
         assert _same_partition(got, want)
@@ -187,7 +187,7 @@ def test_default_feature_is_authors_norm1():
     x = _images(1)
     ref, _ = reference_vitcx("timm_vit", module, x, [3], site="norm1", delta=0.2)
     exp = vitlens.explain(module, x, method="vitcx", target=3, delta=0.2, normalise=False)
-    assert exp.extras["feature"] == "norm1"
+    assert exp.extras["site"] == "norm1"
     close_to_scale(exp.maps, ref, rtol=1e-4)  # see test_matches_reference
 
 
@@ -321,10 +321,12 @@ def test_errors(tiny_vit):
         vitlens.explain(tiny_vit, x, method="vitcx", causal_score="rise")
     with pytest.raises(InputError, match="delta"):
         vitlens.explain(tiny_vit, x, method="vitcx", delta=-1)
-    with pytest.raises(InputError, match="feature site"):
-        vitlens.explain(tiny_vit, x, method="vitcx", feature="attn")
-    with pytest.raises(InputError, match="layer 5"):
-        vitlens.explain(tiny_vit, x, method="vitcx", layer=5)
+    with pytest.raises(InputError, match="parameter 'site' of method 'vitcx' takes one of 'input'"):
+        vitlens.explain(tiny_vit, x, method="vitcx", site="attn")
+    with pytest.raises(InputError, match="'feature' of method 'vitcx' is now 'site'"):
+        vitlens.explain(tiny_vit, x, method="vitcx", feature="norm1")
+    with pytest.raises(InputError, match=r"layers \[5\] out of range"):
+        vitlens.explain(tiny_vit, x, method="vitcx", layers=[5])
     with pytest.raises(TargetError):
         vitlens.explain(tiny_vit, x, method="vitcx", target="a photo of a cat")  # not a CLIP model
 
@@ -332,8 +334,8 @@ def test_errors(tiny_vit):
 def test_layer_choice_changes_features():
     m = tiny_timm("vit")
     x = _images(1)
-    first = vitlens.explain(m, x, method="vitcx", target=0, layer=0, return_masks=True)
-    last = vitlens.explain(m, x, method="vitcx", target=0, layer=-1, return_masks=True)
+    first = vitlens.explain(m, x, method="vitcx", target=0, layers=[0], return_masks=True)
+    last = vitlens.explain(m, x, method="vitcx", target=0, layers=[-1], return_masks=True)
     default = vitlens.explain(m, x, method="vitcx", target=0, return_masks=True)
     torch.testing.assert_close(default.maps, last.maps, rtol=0, atol=0)  # the same computation: bit-identical
     assert first.extras["n_masks"] != last.extras["n_masks"] or not torch.allclose(first.maps, last.maps)

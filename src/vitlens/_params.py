@@ -2,9 +2,16 @@
 type the method's or metric's signature declares, with one-line errors naming the parameter.
 
 The declared type is read from the function's type hints (``typing.get_type_hints``). Supported:
-``int``, ``float``, ``bool``, ``str``, ``Optional[...]``, ``Union[...]`` (tried from the most specific
-type: bool, int, float, sequences, str), ``tuple[int, int]`` and ``Sequence[int]`` / ``list[...]``
-(``16,16`` or ``[16, 16]``). Parameters typed as tensors, callables or dicts cannot be given as text.
+``int``, ``float``, ``bool``, ``str``, ``typing.Literal[...]`` (a choice: the value must be one of the
+listed ones; this is how methods and metrics declare their choices, and the only check of them),
+``Optional[...]``, ``Union[...]`` (tried from the most specific type: None, bool, choices, int, float,
+sequences, str), ``tuple[int, int]`` and ``Sequence[int]`` / ``list[...]`` (``16,16`` or ``[16, 16]``).
+Parameters typed as tensors, callables or dicts cannot be given as text.
+
+The same conversion checks the keyword arguments of the Python API (:func:`vitlens.explain`,
+``objects_ok=True``): values already of the declared type pass unchanged, a choice outside its
+``Literal`` or a value of the wrong type is a one-line :class:`~vitlens.errors.InputError` naming the
+parameter, and a parameter name (or value) of an earlier release gets an error naming its replacement.
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ from .errors import InputError, did_you_mean
 _NONE = ("none", "null")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
-_INT = re.compile(r"[+-]?\d+")
+#: an integer written as text (shared with the command line's ``--target``)
+INT_TEXT = re.compile(r"[+-]?\d+")
 
 
 class _Bad(Exception):
@@ -34,6 +42,8 @@ def _describe(hint) -> str:
         return "true or false"
     if hint is int:
         return "an integer"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
     if hint is float:
         return "a number"
     if hint is str:
@@ -81,9 +91,20 @@ def _convert(value, hint):
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
             return None
         raise _Bad
+    if origin is typing.Literal:
+        for a in args:
+            if value == a and type(value) is type(a):
+                return a
+            if isinstance(value, str) and not isinstance(a, str) and value.strip() == str(a):
+                return a
+        raise _Bad
     if origin is typing.Union:
-        order = sorted(args, key=lambda a: [type(None), bool, int, float, tuple, list, str].index(a)
-                       if a in (type(None), bool, int, float, tuple, list, str) else 5)
+        def rank(a) -> int:
+            if typing.get_origin(a) is typing.Literal:
+                return 2
+            order = [type(None), bool, None, int, float, tuple, list, str]
+            return order.index(a) if a in order else 6
+        order = sorted(args, key=rank)
         for a in order:
             try:
                 return _convert(value, a)
@@ -103,7 +124,7 @@ def _convert(value, hint):
             raise _Bad
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and _INT.fullmatch(value.strip()):
+        if isinstance(value, str) and INT_TEXT.fullmatch(value.strip()):
             return int(value)
         raise _Bad
     if hint is float:
@@ -132,7 +153,7 @@ def _convert(value, hint):
             return tuple(_convert(v, a) for v, a in zip(items, inner))
         return tuple(_convert(v, inner[0] if inner else Any) for v in items)
     if origin in (list, collections.abc.Sequence) or hint in (list, collections.abc.Sequence):
-        items = _split(value) if not (isinstance(value, str) and _INT.fullmatch(value.strip())) else [value]
+        items = _split(value) if not (isinstance(value, str) and INT_TEXT.fullmatch(value.strip())) else [value]
         return [_convert(v, args[0] if args else Any) for v in items]
     raise TypeError(hint)  # tensors, callables, dicts: not expressible as text
 
@@ -145,35 +166,76 @@ def type_hints(fn: Callable) -> dict:
         return {}
 
 
-def convert_params(fn: Callable, params: dict, defaults: dict, *, owner: str, flag: str = "--param",
-                   prefix: str = "", objects_ok: bool = False) -> dict:
+def check_param_names(params, defaults: dict, *, owner: str, flag: Optional[str] = None, prefix: str = "",
+                      renamed: Optional[dict] = None) -> None:
+    """One-line :class:`InputError` for the first name of ``params`` that ``defaults`` lacks: a name of an
+    earlier release (``renamed``: old -> new) is named with its replacement, any other gets close matches
+    and the accepted names. ``flag``/``prefix`` say how the user wrote it (``--param``), ``None``: the API."""
+    from .registry import EXPLAIN_RUNTIME
+
+    for name in params:
+        if name in defaults:
+            continue
+        where = f"{flag} {prefix}{name}: " if flag else ""
+        if name in EXPLAIN_RUNTIME:
+            raise InputError(f"{where}'{name}' is a run setting, not a parameter of {owner}: give it as "
+                             f"{name}= of vitlens.explain, or --{name.replace('_', '-')} on the command line.")
+        if renamed and name in renamed:
+            raise InputError(f"{where}parameter '{name}' of {owner} is now '{renamed[name]}'"
+                             f"{_RENAMED_HINTS.get(renamed[name], '')}.")
+        accepted = ", ".join(sorted(defaults)) or "none"
+        raise InputError(f"{where}unknown parameter '{name}' for {owner}.{did_you_mean(name, defaults)} "
+                         f"It accepts: {accepted}.")
+
+
+#: what a renamed parameter now takes, appended to the message naming it
+_RENAMED_HINTS = {"layers": " (which blocks: None = all, an int n = the last n, a float f = the last ceil(f * L), "
+                            "a list = those blocks; start_layer=s is layers=[s, ..., L-1])",
+                  "site": " (the hook site: 'norm1', 'input', 'attn_branch', ...)"}
+
+
+def convert_params(fn: Callable, params: dict, defaults: dict, *, owner: str, flag: Optional[str] = "--param",
+                   prefix: str = "", objects_ok: bool = False, renamed: Optional[dict] = None,
+                   old_values: Optional[dict] = None) -> dict:
     """``params`` converted to the declared types of ``fn``'s keyword parameters.
 
-    ``defaults`` lists the accepted names (unknown names raise with close matches); ``owner`` names the
-    method/metric in messages (``"method 'tis'"``); ``flag``/``prefix`` how the user wrote the option.
-    ``objects_ok``: values from a config file or preset (already parsed): a value whose declared type has
-    no text form (dict, tensor, callable) is passed through instead of refused."""
+    ``defaults`` lists the accepted names (unknown names raise with close matches; ``renamed`` maps names
+    of earlier releases to their new names, ``old_values`` values a parameter no longer takes to their
+    replacement, both for the message); ``owner`` names the method/metric in messages (``"method 'tis'"``);
+    ``flag``/``prefix`` how the user wrote the option (``flag=None``: keyword arguments of the Python API).
+    ``objects_ok``: values already parsed (a config file, a preset, the Python API): a value whose declared
+    type has no text form (dict, tensor, callable) is passed through instead of refused."""
+    check_param_names(params, defaults, owner=owner, flag=flag, prefix=prefix, renamed=renamed)
     hints = type_hints(fn)
     out = {}
     for name, value in params.items():
-        if name not in defaults:
-            accepted = ", ".join(sorted(defaults)) or "none"
-            raise InputError(f"{flag} {prefix}{name}: unknown parameter '{name}' for {owner}."
-                             f"{did_you_mean(name, defaults)} It accepts: {accepted}.")
         hint = hints.get(name, Any)
+        shown = value if isinstance(value, str) else _show(value)
+        where = f"{flag} {prefix}{name}={shown}: " if flag else ""
+        olds = (old_values or {}).get(name, {})
+        if isinstance(value, str) and value in olds:
+            raise InputError(f"{where}{name}={value!r} of {owner} is now {name}={olds[value]!r}.")
         try:
             out[name] = _convert(value, hint)
         except _Bad:
-            shown = value if isinstance(value, str) else json.dumps(value)
-            raise InputError(f"{flag} {prefix}{name}={shown}: parameter '{name}' of {owner} takes "
-                             f"{_describe(hint)} (default {defaults[name]!r}).") from None
+            got = "" if flag else f"; got {value!r}"
+            raise InputError(f"{where}parameter '{name}' of {owner} takes {_describe(hint)} "
+                             f"(default {defaults[name]!r}){got}.") from None
         except TypeError:
             if objects_ok and not isinstance(value, str):
                 out[name] = value
                 continue
-            raise InputError(f"{flag} {prefix}{name}: parameter '{name}' of {owner} takes "
+            where = f"{flag} {prefix}{name}: " if flag else ""
+            raise InputError(f"{where}parameter '{name}' of {owner} takes "
                              f"{_describe(hint)}, which cannot be given as text; use the Python API.") from None
     return out
+
+
+def _show(value) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def parse_kv(items, flag: str = "--param") -> dict:
@@ -206,6 +268,8 @@ def signature_line(fn: Callable, defaults: dict, skip: Optional[set] = None) -> 
 
 def _short(hint) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
     if origin is typing.Union:
         non_none = [a for a in args if a is not type(None)]
         s = " | ".join(_short(a) for a in non_none)

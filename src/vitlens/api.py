@@ -7,7 +7,6 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError, did_you_mean
 from .explanation import Explanation, minmax, upsample
 from .methods import get_method, method_names
 from .models import ViTAdapter, wrap_model
@@ -15,7 +14,12 @@ from .models.targets import TargetLike
 
 
 def methods() -> list[str]:
-    """Names of the available explanation methods."""
+    """Names of the available explanation methods.
+
+    Returns:
+        the sorted names, e.g. ``["attention_cam", ..., "tis", "vitcx"]``; ``vitlens.methods.get_method(name)``
+        gives one's metadata and parameters.
+    """
     return method_names()
 
 
@@ -44,20 +48,33 @@ def explain(model: Union[ViTAdapter, nn.Module], x: Tensor, method: str = "tis",
         compile: ``torch.compile`` the batched forward paths (falls back to eager with a warning).
         **params: method parameters (see each method's docstring).
     Returns:
-        an :class:`Explanation`; ``maps`` are at input resolution (token maps are upsampled bilinearly).
+        an :class:`Explanation`: ``maps`` (B, H, W) at input resolution in [0, 1] (token maps are
+        upsampled bilinearly), ``token_maps`` (B, gh, gw) for token-level methods (else ``None``),
+        ``targets`` (B,) class indices (-1 for prompts), ``labels``, ``params`` (defaults filled in).
+
+    Raises:
+        InputError: a bad batch, an unknown parameter (or an old name, named with its replacement), a
+            value of the wrong type or outside its choices. UnsupportedModelError: the model lacks what
+            the method needs (a CLS token, readable attention, a text tower...). TargetError: a target
+            that cannot be resolved.
+
+    Example::
+
+        >>> model = vitlens.load_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", weights=...)
+        >>> x = model.preprocess(["cat.jpg"])
+        >>> exp = vitlens.explain(model, x, "legrad", target="tabby cat")
+        >>> exp.maps.shape, exp.token_maps.shape
+        (torch.Size([1, 224, 224]), torch.Size([1, 14, 14]))
     """
     adapter = wrap_model(model)
     info = get_method(method)
-    unknown = set(params) - set(info.defaults)
-    if unknown:
-        first = sorted(unknown)[0]
-        raise InputError(f"unknown parameter(s) for method '{method}': {', '.join(sorted(unknown))}."
-                         f"{did_you_mean(first, info.defaults)} It accepts: {', '.join(sorted(info.defaults)) or 'none'}.")
+    params = info.check(adapter, params)  # names, types, choices; the model has what the method needs
     x = adapter.check_input(x)
     from .precision import autocast, check_precision, runtime
 
     explicit = check_precision(precision)
-    whole = autocast(x.device, explicit) if explicit is not None and info.kind != "perturbation" else nullcontext()
+    # perturbation methods apply the precision to their perturbed passes only; others run under autocast
+    whole = autocast(x.device, explicit) if explicit is not None and not info.kind.perturbs_inputs else nullcontext()
     with runtime(explicit, compile), whole:
         res = info.fn(adapter, x, target, seed=seed, batch_size=batch_size, progress=progress, **params)
     size = tuple(x.shape[-2:])

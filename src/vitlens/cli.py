@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import InputError, VitlensError, did_you_mean
+from .errors import InputError, VitlensError
 
 #: Lighter settings used by ``vitlens demo`` (paper defaults with ``--full``): the demo must finish in
 #: a couple of minutes on a laptop CPU.
@@ -29,7 +29,6 @@ DEMO_PARAMS: dict[str, dict] = {
     "smoothgrad": {"n_samples": 16},
 }
 DEFAULT_METHOD = "tis"
-_RUNTIME = {"seed", "batch_size", "progress"}  # keyword arguments every method takes (not method parameters)
 
 
 class UsageError(VitlensError):
@@ -55,7 +54,8 @@ def _parse_params(items: Sequence[str], method: str) -> dict:
     from ._params import convert_params, parse_kv
 
     info = _method_info(method)
-    return convert_params(info.fn, parse_kv(items, "--param"), info.defaults, owner=f"method '{method}'")
+    return convert_params(info.fn, parse_kv(items, "--param"), info.defaults, owner=f"method '{method}'",
+                          renamed=info.renamed, old_values=info.old_values)
 
 
 _INT = re.compile(r"[+-]?\d+")
@@ -186,11 +186,11 @@ def cmd_methods(args) -> int:
         print()
         print(inspect.getdoc(info.fn) or "(no docstring)")
         print()
-        print("parameters (--param KEY=VALUE): " + (signature_line(info.fn, info.defaults, _RUNTIME) or "none"))
+        print("parameters (--param KEY=VALUE): " + (signature_line(info.fn, info.defaults) or "none"))
         return 0
     for info in method_infos():
         print(f"{info.name:22s} {info.kind:13s} {info.description}")
-        sig = signature_line(info.fn, info.defaults, _RUNTIME)
+        sig = signature_line(info.fn, info.defaults)
         print(f"{'':22s} params: {sig or 'none'}")
     return 0
 

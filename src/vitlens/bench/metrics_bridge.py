@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..metrics.base import available_metrics, get_metric
 from .store import key_of
 
 #: keyword arguments that carry per-image data, not protocol (never part of the protocol key): box masks
@@ -18,7 +19,6 @@ from .store import key_of
 DATA_KWARGS = ("boxes", "coverage", "labels", "masks", "points", "point_labels", "box_coords", "raw_maps")
 #: data the runner provides only to metrics that accept it (never required through ``needs``)
 OPTIONAL_DATA = ("box_coords", "raw_maps")
-RUNTIME_KWARGS = ("batch_size", "progress")
 #: keyword arguments naming the explainer (metrics that re-run it, e.g. max-sensitivity): set per method entry
 METHOD_KWARGS = ("explainer", "method", "method_params")
 
@@ -74,23 +74,9 @@ def _np(t: Any) -> np.ndarray:
     return np.asarray(t, dtype=np.float32)
 
 
-def _discover():
-    import importlib
-    import pkgutil
-
-    from .. import metrics
-    from ..metrics import base
-
-    for m in pkgutil.iter_modules(metrics.__path__):
-        if not m.name.startswith("_"):
-            importlib.import_module(f"{metrics.__name__}.{m.name}")
-    return base
-
-
 def available() -> list[str]:
-    base = _discover()
-
-    return base.available_metrics()
+    """Names of the registered metrics."""
+    return available_metrics()
 
 
 def bind(name: str, overrides: Optional[dict] = None) -> BoundMetric:
@@ -99,11 +85,9 @@ def bind(name: str, overrides: Optional[dict] = None) -> BoundMetric:
     ``overrides["metric"]`` makes ``name`` a label for another registered metric, so one run can hold
     several protocols of the same metric (e.g. ``insertion_black`` = insertion with ``substrate="black"``);
     the label names the results' column and the base metric is part of the protocol key."""
-    base = _discover()
-
     overrides = dict(overrides or {})
     metric = str(overrides.pop("metric", name))
-    info = base.get_metric(metric)
+    info = get_metric(metric)
     unsupported = set(info.needs) - set(DATA_KWARGS)
     if unsupported:
         raise InputError(f"metric '{name}' needs {', '.join(sorted(unsupported))}, which vitlens bench does not "

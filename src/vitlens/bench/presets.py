@@ -32,7 +32,7 @@ reported by the runner with the list of available methods.
       no softmax), masking towards the normalised zero; rollout as vit-explain (discard 0.9, mean heads,
       ``variant="vit_explain"``); Chefer 1 (``generate_LRP``, transformer attribution, start layer 0)
       and Chefer 2 (all blocks, logits); BT-H / BT-T with the wrapper's ``start_layer=1``, which the BT
-      code's ``nb < start_layer - 1`` skip maps to our 0-based first block 0; TAM start layer 0, 20
+      code's ``nb < start_layer - 1`` skip maps to every block (``layers=None``); TAM every block, 20
       steps; ViT-CX on ``blocks[-1].norm1`` (its default); IG with Captum's defaults as wrapped: 50
       Gauss-Legendre steps, zero baseline of the normalised tensor, logits, signed channel sum
       (``.sum((0, 1))``); SmoothGrad = Captum ``NoiseTunnel(Saliency)`` defaults: 50 samples, absolute
@@ -67,7 +67,7 @@ reported by the runner with the list of available methods.
     the paper's time, as in the authors' ``Usage_Example.ipynb``), DeiT-B/16 distilled
     (``deit_base_distilled_patch16_224.fb_in1k``) and Swin-B (``swin_base_patch4_window7_224``, ViT-CX
     delta 0.05, the method's own Swin default); ImageNet validation images with the model's transform,
-    the predicted class; ViT-CX with its defaults (``feature="norm1"``, delta 0.1 for ViT/DeiT) against
+    the predicted class; ViT-CX with its defaults (``site="norm1"``, delta 0.1 for ViT/DeiT) against
     rollout, Chefer et al. 2021a (CGW1) and 2021b (CGW2), TAM, Grad-CAM, Score-CAM and RISE (the rows
     CGW1, CGW2, TAM and Score-CAM are confirmed by the paper's figures; the remaining rows follow the
     paper's baseline list as read here); deletion and insertion as RISE's evaluation code
@@ -109,11 +109,11 @@ _TIS_METHODS = {
     "rise": {"n_masks": 4000, "s": 8, "p": 0.1, "score": "logit", "baseline": "zero"},
     "rollout": {"discard_ratio": 0.9, "head_fusion": "mean", "variant": "vit_explain"},
     "chefer1": {},
-    "chefer2": {"start_layer": 0},
-    "bt_token": {"start_layer": 0, "steps": 20},
-    "bt_head": {"start_layer": 0, "steps": 20},
-    "tam": {"start_layer": 0, "steps": 20},
-    "vitcx": {"feature": "norm1"},
+    "chefer2": {"layers": None},
+    "bt_token": {"layers": None, "steps": 20},
+    "bt_head": {"layers": None, "steps": 20},
+    "tam": {"layers": None, "steps": 20},
+    "vitcx": {"site": "norm1"},
     "integrated_gradients": {"n_steps": 50, "ig_method": "gausslegendre", "baseline": "zero", "reduce": "sum",
                              "score": "logit"},
     "smoothgrad": {"n_samples": 50, "noise_sigma": 1.0, "average": "abs_grad", "reduce": "abs_sum",

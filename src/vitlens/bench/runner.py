@@ -35,7 +35,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import InputError
 from . import distributed
 from ..precision import resolve_precision, runtime as precision_runtime
-from .config import BenchConfig, MethodSpec
+from .config import BenchConfig
 from .datasets import BenchDataset as BenchData, Item, metrics_for, open_dataset
 from .faults import describe_error, run_isolated
 from .lock import RunLock, lock_paths

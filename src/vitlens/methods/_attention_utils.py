@@ -10,7 +10,7 @@ a ViT in eval mode, so this gives every image its own gradient in one backward p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -18,40 +18,35 @@ from torch import Tensor
 from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
 from ..errors import InputError
 from ..models.base import ViTAdapter
-from ..models.targets import Target
+from ..models.capabilities import Capability
+from ..models.targets import LOGIT, AutoScore, Target
 
-HEAD_FUSIONS = ("mean", "max", "min")
+#: head fusion choices of the attention methods
+HeadFusion = Literal["mean", "max", "min"]
+#: what the attention-family methods need from a model (declared at registration)
+CLS_BLOCKS = (Capability.BLOCKS, Capability.CLS)
 
 
 def require_cls(adapter: ViTAdapter, method: str) -> int:
     """Index of the CLS token; a clear :class:`UnsupportedModelError` when the model has none."""
-    adapter.require("a CLS token (its attention row is the explanation)", adapter.cls_index is not None, method)
+    adapter.require_all([Capability.CLS], method)
     return int(adapter.cls_index)
 
 
-def layer_index(adapter: ViTAdapter, layer: int, method: str, name: str = "layer") -> int:
-    """Normalise a (possibly negative) block index, with a clear error when out of range."""
-    n = adapter.num_blocks
-    if not -n <= int(layer) < n:
-        raise InputError(f"{method}: {name}={layer} is out of range for a model with {n} blocks.")
-    return int(layer) % n
+def score_kind(score: str, target: Optional[Target] = None, rule: AutoScore = LOGIT) -> str:
+    """The score kind ``score`` resolves to under ``rule`` (default :data:`~vitlens.models.targets.LOGIT`:
+    the papers differentiate the pre-softmax class score, one-hot times the logits in the authors' code;
+    for CLIP prompts this is ``logit_scale * cosine``)."""
+    return rule.resolve(score, target)
 
 
-def score_kind(score: str) -> str:
-    """``"auto"`` -> ``"logit"``: the papers differentiate the pre-softmax class score (one-hot times
-    the logits in the authors' code); for CLIP prompts this is ``logit_scale * cosine``."""
-    return "logit" if score == "auto" else score
-
-
-def fuse_heads(a: Tensor, how: str, method: str) -> Tensor:
+def fuse_heads(a: Tensor, how: HeadFusion) -> Tensor:
     """(B, H, T, T) -> (B, T, T) by mean, max or min over heads."""
-    if how == "mean":
-        return a.mean(1)
     if how == "max":
         return a.amax(1)
     if how == "min":
         return a.amin(1)
-    raise InputError(f"{method}: head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got '{how}'.")
+    return a.mean(1)
 
 
 def to_grid(adapter: ViTAdapter, x: Tensor, row: Tensor) -> Tensor:
@@ -86,7 +81,7 @@ def _hooks(sites: Mapping[str, Sequence[int]], store: dict) -> dict:
 
 
 def capture(adapter: ViTAdapter, x: Tensor, target, *, sites: Mapping[str, Sequence[int]],
-            grad_of: Sequence[tuple[str, int]] = (), score: str = "auto") -> Capture:
+            grad_of: Sequence[tuple[str, int]] = (), score: str = "auto", rule: AutoScore = LOGIT) -> Capture:
     """One forward pass recording ``sites`` (site -> layers) and, if ``grad_of`` is not empty, the
     gradient of the summed target scores with respect to those captured tensors.
 
@@ -104,7 +99,7 @@ def capture(adapter: ViTAdapter, x: Tensor, target, *, sites: Mapping[str, Seque
         tgt = adapter.resolve_target(target, outputs=out.detach(), batch=x.shape[0])
         grads = {}
         if need_grad:
-            s = adapter.score(out, tgt, score_kind(score)).sum()
+            s = adapter.score(out, tgt, rule.resolve(score, tgt)).sum()
             inputs = [store[k] for k in grad_of]
             gs = torch.autograd.grad(s, inputs, allow_unused=True)
             grads = {k: (torch.zeros_like(store[k]) if g is None else g.detach()) for k, g in zip(grad_of, gs)}
@@ -136,7 +131,7 @@ def integrated_attention_gradient(adapter: ViTAdapter, x: Tensor, target: Target
     img = torch.arange(B, device=x.device).repeat_interleave(n_a)
     alpha_rows = alphas.repeat(B)
     rep = target.repeat_interleave(n_a)
-    T = adapter.num_prefix_tokens + adapter.grid_size(x)[0] * adapter.grid_size(x)[1]
+    T = adapter.num_tokens(x)
     bs = resolve_batch_size(batch_size, adapter, T, total, activations_per_token=12 * 3)
     acc = None
     with progress_bar(total, f"{method} path", progress, unit="input") as bar:

@@ -11,7 +11,7 @@ Integrated Gradients, SmoothGrad).
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Literal, Mapping, Optional, Union, get_args
 
 import torch
 from torch import Tensor
@@ -19,22 +19,25 @@ from torch import Tensor
 from ..errors import InputError
 from ..models.base import ViTAdapter
 from ..models.blocks import Hook
-from ..models.targets import Target
+from ..models.targets import PROB_OR_SIMILARITY, AutoScore, Target
 from ..precision import perturbed_forward
 
-BaselineLike = Union[str, float, int]
-BASELINES = ("zero", "black")
-REDUCTIONS = ("abs_sum", "sum", "abs_of_sum", "max_abs", "l2")
+#: a named baseline image or a constant in the normalised space (see :func:`baseline_image`)
+BaselineLike = Union[Literal["zero", "black"], float]
+BASELINES = get_args(get_args(BaselineLike)[0])
+#: colour-channel reductions of pixel attributions (see :func:`reduce_channels`)
+Reduce = Literal["abs_sum", "sum", "abs_of_sum", "max_abs", "l2"]
+REDUCTIONS = get_args(Reduce)
 
 
 def clean_pass(adapter: ViTAdapter, x: Tensor, target, score: str,
-               hooks: Mapping[str, Hook] | None = None) -> tuple[Tensor, Target, str]:
-    """Forward the clean images once (no grad): (outputs, resolved target, resolved score kind)."""
+               hooks: Mapping[str, Hook] | None = None,
+               rule: AutoScore = PROB_OR_SIMILARITY) -> tuple[Tensor, Target, str]:
+    """Forward the clean images once (no grad): (outputs, resolved target, score kind resolved by ``rule``)."""
     with torch.no_grad():
         outputs = adapter.forward(x, hooks=hooks)
     tgt = adapter.resolve_target(target, outputs=outputs, batch=x.shape[0])
-    kind = adapter.default_score(tgt) if score == "auto" else score
-    return outputs, tgt, kind
+    return outputs, tgt, rule.resolve(score, tgt)
 
 
 def baseline_image(adapter: ViTAdapter, x: Tensor, baseline: BaselineLike) -> Tensor:
@@ -76,18 +79,6 @@ def row_scores(adapter: ViTAdapter, inputs: Tensor, tgt: Target, image_index: Op
     return adapter.score(out, rows, kind).float()
 
 
-def tokens_per_input(adapter: ViTAdapter, x: Tensor) -> int:
-    gh, gw = adapter.grid_size(x)
-    return adapter.num_prefix_tokens + gh * gw
-
-
-def check_score_kind(kind: str) -> None:
-    from ..models.targets import SCORE_KINDS
-
-    if kind not in SCORE_KINDS:
-        raise InputError(f"unknown score kind '{kind}'; choose one of {', '.join(SCORE_KINDS)}.")
-
-
 def captum_forward(adapter: ViTAdapter, kind: str) -> Callable[..., Tensor]:
     """A forward function for Captum: ``f(inputs, index, is_text, text) -> (n,)`` target scores.
 
@@ -106,7 +97,7 @@ def captum_target_args(tgt: Target, sl: slice | None = None) -> tuple:
     return (t.index, t.is_text, t.text)
 
 
-def reduce_channels(attr: Tensor, reduce: str) -> Tensor:
+def reduce_channels(attr: Tensor, reduce: Reduce) -> Tensor:
     """(B, C, H, W) attributions -> (B, H, W) pixel maps.
 
     * ``"abs_sum"``: sum_c |a_c| (the grey-scale rendering of the SmoothGrad/IG authors' saliency

@@ -31,11 +31,14 @@ from torch import Tensor
 from ..batching import batch_slices
 from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._lrp import attnlrp_relevance, cat_targets, check_lrp_support, lrp_batch_size
-from .base import MethodResult, register
+from ..models.capabilities import Capability
+from ..models.targets import Target
+from ._lrp_attnlrp import attnlrp_relevance
+from ._lrp_rules import check_lrp_support, lrp_batch_size
+from .base import MethodKind, MethodResult, register
 
 
-@register("attnlrp", kind="relevance", token_level=True,
+@register("attnlrp", kind=MethodKind.RELEVANCE, token_level=True, needs=(Capability.BLOCKS,),
           description="AttnLRP: attention-aware LRP in one modified backward pass (Achtibat et al. 2024)")
 def attnlrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
             batch_size: Optional[int] = None, progress: Optional[bool] = None, eps: float = 0.0,
@@ -67,7 +70,7 @@ def attnlrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] 
     maps = rel[:, P:]
     if positive_only:
         maps = maps.clamp(min=0)
-    return MethodResult(target=cat_targets(tgts), token_maps=maps.reshape(B, gh, gw), outputs=torch.cat(outs),
+    return MethodResult(target=Target.cat(tgts), token_maps=maps.reshape(B, gh, gw), outputs=torch.cat(outs),
                         extras={"relevance": rel.cpu(), "score": torch.cat(scores).float().cpu(),
                                 "total": rel.sum(-1).cpu()})
 

@@ -2,7 +2,7 @@
 Token Attributions inside Transformers", TMLR 2022), in its head-wise (BT-H) and token-wise (BT-T)
 forms, named as in InterpretDL and the TIS paper.
 
-*Attentional perception* (blocks ``start_layer`` .. L, R starts as the identity):
+*Attentional perception* (the blocks ``layers`` selects, first to last; R starts as the identity):
 
 * BT-H: head weights I_h = mean_{ij} |(A_hᵀ ∇_{A_h} S)_{ij}|, normalised to sum 1 over heads
   (per image); Ā = Σ_h I_h A_h; R ← R + Ā R.
@@ -15,8 +15,10 @@ K = 20 (integrated gradient of the last attention map); explanation = (W ⊙ R)[
 BT-H and (W ⊙ |R|)[cls, patches] for BT-T (as in the authors' code).
 
 Defaults follow the authors' code: S = target logit (InterpretDL differentiates the probability:
-``score="prob"``), the first aggregated block is block 3 (0-based; ``start_layer=4`` with their
-``nb < start_layer - 1`` skip), the path baseline is the zero input in normalised space.
+``score="prob"``), the path baseline is the zero input in normalised space, and the aggregated blocks are
+the last 9 of ViT-B's 12: the code starts at block 3 (0-based; ``start_layer=4`` with its
+``nb < start_layer - 1`` skip). The default ``layers=0.75`` is that share of the depth (blocks 3..11 of
+12; :mod:`vitlens.models.layers`), so other depths keep the same proportion.
 """
 from __future__ import annotations
 
@@ -25,17 +27,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._attention_utils import capture, integrated_attention_gradient, layer_index, require_cls, score_kind, to_grid
-from .base import MethodResult, register
+from ..models.layers import LayersLike
+from ..models.targets import LOGIT, ScoreKind
+from ._attention_utils import CLS_BLOCKS, capture, integrated_attention_gradient, require_cls, score_kind, to_grid
+from .base import MethodKind, MethodResult, register
 
-
-def _start(adapter: ViTAdapter, start_layer: int, method: str) -> int:
-    if adapter.num_blocks <= start_layer and start_layer >= 0:
-        raise InputError(f"{method}: start_layer={start_layer} but the model has {adapter.num_blocks} blocks; "
-                         "give a smaller start_layer.")
-    return layer_index(adapter, start_layer, method, "start_layer")
+#: the authors' code aggregates blocks 3..11 of ViT-B's 12 (``start_layer=4`` with ``nb < start_layer - 1``)
+AUTHORS_LAYERS = 0.75
 
 
 def head_weights(a: Tensor, g: Tensor) -> Tensor:
@@ -51,52 +50,70 @@ def _feedback(adapter, x, cap, last, steps, score, batch_size, progress, method)
     return ig.clamp(min=0).mean(1)  # (B, T, T)
 
 
-@register("bt_head", kind="gradient", token_level=True,
+@register("bt_head", kind=MethodKind.GRADIENT, token_level=True, needs=CLS_BLOCKS, auto_score=LOGIT,
+          renamed={"start_layer": "layers"},
           description="Bidirectional Transformers, head-wise (BT-H; Chen et al. TMLR 2022)")
 def bt_head(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
             batch_size: Optional[int] = None, progress: Optional[bool] = None, steps: int = 20,
-            start_layer: int = 3, score: str = "auto") -> MethodResult:
+            layers: LayersLike = AUTHORS_LAYERS, score: ScoreKind = "auto") -> MethodResult:
     """BT-H map.
 
     Args:
         steps: points of the integrated-gradient path (20).
-        start_layer: first block of the attentional perception (0-based; default 3 as in the code).
+        layers: the blocks of the attentional perception (:mod:`vitlens.models.layers`; default 0.75:
+            the last 75 % of the blocks, blocks 3..11 of 12 as in the authors' code; ``None``: every block).
         score: ``"auto"`` (= logit, the authors' code), ``"prob"`` (InterpretDL) or ``"similarity"``.
-    Needs a CLS token.
+
+    Returns:
+        :class:`MethodResult` with ``token_maps`` (B, gh, gw); ``extras``: steps, blocks, score kind.
+        Needs a CLS token.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "bt_head", layers=None)   # every block (TIS's wrapper)
     """
     cls = require_cls(adapter, "bt_head")
-    start = _start(adapter, start_layer, "bt_head")
+    blocks = adapter.select_layers(layers, "bt_head")
     last = adapter.num_blocks - 1
-    layers = list(range(start, adapter.num_blocks))
-    cap = capture(adapter, x, target, sites={"attn": layers}, grad_of=[("attn", l) for l in layers], score=score)
+    need = sorted(set(blocks) | {last})  # the last block's attention gradient drives the feedback
+    cap = capture(adapter, x, target, sites={"attn": need}, grad_of=[("attn", l) for l in need], score=score)
     B, H, T, _ = cap.values[("attn", last)].shape
     R = torch.eye(T, device=x.device, dtype=torch.float32).expand(B, T, T)
-    for l in layers:
+    for l in blocks:
         a = cap.values[("attn", l)].float()
         w = head_weights(a, cap.grads[("attn", l)].float())
         abar = (w[:, :, None, None] * a).sum(1)
         R = R + torch.bmm(abar, R)
     W = _feedback(adapter, x, cap, last, steps, score, batch_size, progress, "bt_head")
     return MethodResult(target=cap.target, token_maps=to_grid(adapter, x, (W * R)[:, cls]), outputs=cap.outputs,
-                        extras={"steps": int(steps), "start_layer": start, "score": score_kind(score)})
+                        extras={"steps": int(steps), "layers": blocks, "score": score_kind(score, cap.target)})
 
 
-@register("bt_token", kind="gradient", token_level=True,
+@register("bt_token", kind=MethodKind.GRADIENT, token_level=True, needs=CLS_BLOCKS, auto_score=LOGIT,
+          renamed={"start_layer": "layers"},
           description="Bidirectional Transformers, token-wise (BT-T; Chen et al. TMLR 2022)")
 def bt_token(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
              batch_size: Optional[int] = None, progress: Optional[bool] = None, steps: int = 20,
-             start_layer: int = 3, score: str = "auto") -> MethodResult:
-    """BT-T map (parameters as :func:`bt_head`). Needs a CLS token."""
+             layers: LayersLike = AUTHORS_LAYERS, score: ScoreKind = "auto") -> MethodResult:
+    """BT-T map (parameters as :func:`bt_head`).
+
+    Returns:
+        :class:`MethodResult` with ``token_maps`` (B, gh, gw); ``extras``: steps, blocks, score kind.
+        Needs a CLS token.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "bt_token", steps=10)
+    """
     cls = require_cls(adapter, "bt_token")
-    start = _start(adapter, start_layer, "bt_token")
+    blocks = adapter.select_layers(layers, "bt_token")
     last = adapter.num_blocks - 1
-    layers = list(range(start, adapter.num_blocks))
-    sites = {"attn": layers, "input": layers, "norm1": layers, "v": layers}
+    sites = {"attn": sorted(set(blocks) | {last}), "input": blocks, "norm1": blocks, "v": blocks}
     cap = capture(adapter, x, target, sites=sites, grad_of=[("attn", last)], score=score)
     B, H, T, _ = cap.values[("attn", last)].shape
     R = torch.eye(T, device=x.device, dtype=torch.float32).expand(B, T, T)
     with torch.no_grad():
-        for l in layers:
+        for l in blocks:
             spec = adapter.blocks[l]
             v = cap.values[("v", l)]
             vm = v.transpose(1, 2).reshape(B, T, -1)  # heads merged, as the context is
@@ -108,4 +125,4 @@ def bt_token(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int]
     W = _feedback(adapter, x, cap, last, steps, score, batch_size, progress, "bt_token")
     return MethodResult(target=cap.target, token_maps=to_grid(adapter, x, (W * R.abs())[:, cls]),
                         outputs=cap.outputs,
-                        extras={"steps": int(steps), "start_layer": start, "score": score_kind(score)})
+                        extras={"steps": int(steps), "layers": blocks, "score": score_kind(score, cap.target)})

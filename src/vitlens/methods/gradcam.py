@@ -5,13 +5,12 @@ role of the convolutional feature map,
     alpha_k = mean_{i in patches} ∂s/∂Z[i, k]          (channel weights)
     E_i     = ReLU( mean_k alpha_k · Z[i, k] )          (per patch token i)
 
-Default place: the tokens *entering* the last block (``layer=-1, site="input"``, i.e. the output of
+Default place: the tokens *entering* the last block (``layers=None, site="input"``, i.e. the output of
 the second-to-last block). The output of the last block is a poor choice for CLS-pooled models:
 only the CLS token reaches the head, so the patch tokens' gradients there are exactly zero.
-``site`` may be any token-shaped hook site of the block (``input``, ``norm1``, ``mid``, ``norm2``,
-``output``). Works without a CLS token (global-pool models).
+``site`` may be any token-shaped hook site of the block (:data:`vitlens.models.blocks.FeatureSite`). Works without a CLS token (global-pool models).
 
-Named variants (``variant=``; ``layer`` / ``site`` / ``weight_tokens``, when given, override them):
+Named variants (``variant=``; ``weight_tokens``, when given, overrides them):
 
 * ``"default"``: the tokens entering the last block, channel weights from the patch tokens' gradient
   (pytorch-grad-cam's ViT recipe, whose ``reshape_transform`` drops the class token).
@@ -22,51 +21,52 @@ Named variants (``variant=``; ``layer`` / ``site`` / ``weight_tokens``, when giv
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from torch import Tensor
 
-from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._attention_utils import capture, layer_index, score_kind, to_grid
-from .base import MethodResult, register
+from ..models.blocks import FeatureSite
+from ..models.capabilities import Capability
+from ..models.layers import LayersLike
+from ..models.targets import LOGIT, ScoreKind
+from ._attention_utils import capture, score_kind, to_grid
+from .base import MethodKind, MethodResult, register
 
-TOKEN_SITES = ("input", "norm1", "mid", "norm2", "output")
+#: what each variant sets (``weight_tokens`` given explicitly overrides it)
+VARIANTS = {"default": dict(weight_tokens="patch"), "legrad": dict(weight_tokens="all")}
 
 
-VARIANTS = {"default": dict(layer=-1, site="input", weight_tokens="patch"),
-            "legrad": dict(layer=-1, site="input", weight_tokens="all")}
-
-
-@register("gradcam", kind="gradient", token_level=True,
+@register("gradcam", kind=MethodKind.GRADIENT, token_level=True, needs=(Capability.BLOCKS,), auto_score=LOGIT,
+          renamed={"layer": "layers"},
           description="Grad-CAM on a block's token activations (LeGrad supp. eq. 9)")
 def gradcam(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
-            batch_size: Optional[int] = None, progress: Optional[bool] = None, score: str = "auto",
-            layer: Optional[int] = None, site: Optional[str] = None, weight_tokens: Optional[str] = None,
-            variant: str = "default") -> MethodResult:
+            batch_size: Optional[int] = None, progress: Optional[bool] = None, score: ScoreKind = "auto",
+            layers: LayersLike = None, site: FeatureSite = "input",
+            weight_tokens: Optional[Literal["patch", "all"]] = None,
+            variant: Literal["default", "legrad"] = "default") -> MethodResult:
     """Grad-CAM map.
 
     Args:
         score: ``"auto"`` (= logit), ``"prob"`` or ``"similarity"``.
-        layer: block index (default -1, the last block).
-        site: which tokens of that block: ``"input"`` (default), ``"norm1"``, ``"mid"``, ``"norm2"``
-            or ``"output"``.
+        layers: the one block whose tokens are read (:mod:`vitlens.models.layers`; ``None``: the last
+            block; ``[8]``: block 8).
+        site: which tokens of that block (:data:`vitlens.models.blocks.FeatureSite`): ``"input"``
+            (default), ``"norm1"``, ``"mid"``, ``"norm2"``, ``"output"``, ...
         weight_tokens: average the gradient over the ``"patch"`` tokens (as the map) or over
-            ``"all"`` tokens including the prefix tokens.
-        variant: ``"default"`` or ``"legrad"`` (LeGrad supp. eq. 9); supplies the defaults of
-            ``layer`` (-1), ``site`` (``"input"``) and ``weight_tokens`` (``"patch"`` / ``"all"``).
+            ``"all"`` tokens including the prefix tokens (default: from ``variant``).
+        variant: ``"default"`` (``weight_tokens="patch"``) or ``"legrad"`` (LeGrad supp. eq. 9:
+            ``weight_tokens="all"``).
+
+    Returns:
+        :class:`MethodResult` with ``token_maps`` (B, gh, gw); ``extras``: block, site, score kind, variant.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "gradcam", layers=[8], variant="legrad")   # LeGrad supp. 9.2
     """
-    if variant not in VARIANTS:
-        raise InputError(f"gradcam: variant must be one of {', '.join(VARIANTS)}, got '{variant}'.")
-    preset = VARIANTS[variant]
-    layer = preset["layer"] if layer is None else layer
-    site = preset["site"] if site is None else site
-    weight_tokens = preset["weight_tokens"] if weight_tokens is None else weight_tokens
-    l = layer_index(adapter, layer, "gradcam")
-    if site not in TOKEN_SITES:
-        raise InputError(f"gradcam: site must be one of {', '.join(TOKEN_SITES)}, got '{site}'.")
-    if weight_tokens not in ("patch", "all"):
-        raise InputError(f"gradcam: weight_tokens must be 'patch' or 'all', got '{weight_tokens}'.")
+    l = adapter.select_layer(layers, "gradcam")
+    weight_tokens = VARIANTS[variant]["weight_tokens"] if weight_tokens is None else weight_tokens
     cap = capture(adapter, x, target, sites={site: [l]}, grad_of=[(site, l)], score=score)
     z = cap.values[(site, l)].float()
     g = cap.grads[(site, l)].float()
@@ -74,5 +74,5 @@ def gradcam(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] 
     alpha = (g[:, P:] if weight_tokens == "patch" else g).mean(1)  # (B, D)
     cam = (z * alpha[:, None, :]).mean(-1).clamp(min=0)  # (B, T)
     return MethodResult(target=cap.target, token_maps=to_grid(adapter, x, cam), outputs=cap.outputs,
-                        extras={"layer": l, "site": site, "score": score_kind(score), "variant": variant,
+                        extras={"layer": l, "site": site, "score": score_kind(score, cap.target), "variant": variant,
                                 "weight_tokens": weight_tokens})

@@ -20,7 +20,7 @@ Protocol choices:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -28,21 +28,23 @@ from torch import Tensor
 from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
 from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._perturbation_utils import (BaselineLike, baseline_image, captum_forward, captum_target_args, clean_pass,
-                                  reduce_channels, tokens_per_input)
-from .base import MethodResult, register
+from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from ._perturbation_utils import (BaselineLike, Reduce, baseline_image, captum_forward, captum_target_args,
+                                  clean_pass, reduce_channels)
+from .base import MethodKind, MethodResult, register
 
-IG_METHODS = ("gausslegendre", "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid")
+#: Captum's quadrature rules
+IGMethod = Literal["gausslegendre", "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid"]
 #: activations kept per token for a backward pass (forward activations are stored for autograd)
 GRAD_ACTIVATIONS_PER_TOKEN = 36
 
 
-@register("integrated_gradients", kind="gradient", token_level=False,
+@register("integrated_gradients", kind=MethodKind.GRADIENT, token_level=False, auto_score=PROB_OR_SIMILARITY,
           description="Integrated Gradients from a black image, via Captum (Sundararajan et al. 2017)")
 def integrated_gradients(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
                          batch_size: Optional[int] = None, progress: Optional[bool] = None, n_steps: int = 50,
-                         ig_method: str = "gausslegendre", baseline: BaselineLike = "black",
-                         reduce: str = "abs_sum", score: str = "auto",
+                         ig_method: IGMethod = "gausslegendre", baseline: BaselineLike = "black",
+                         reduce: Reduce = "abs_sum", score: ScoreKind = "auto",
                          convergence_delta: bool = False) -> MethodResult:
     """Integrated Gradients (pixel maps).
 
@@ -62,13 +64,10 @@ def integrated_gradients(adapter: ViTAdapter, x: Tensor, target=None, *, seed: O
 
     if n_steps < 1:
         raise InputError(f"integrated_gradients n_steps must be >= 1, got {n_steps}.")
-    if ig_method not in IG_METHODS:
-        raise InputError(f"unknown ig_method '{ig_method}'; choose one of {', '.join(IG_METHODS)}.")
-    reduce_channels(torch.zeros(1, 1, 1, 1), reduce)  # validate early
     outputs, tgt, kind = clean_pass(adapter, x, target, score)
     base = baseline_image(adapter, x, baseline).expand_as(x)
     B = x.shape[0]
-    bs = resolve_batch_size(batch_size, adapter, tokens_per_input(adapter, x), B * n_steps,
+    bs = resolve_batch_size(batch_size, adapter, adapter.num_tokens(x), B * n_steps,
                             activations_per_token=GRAD_ACTIVATIONS_PER_TOKEN)
     ig = IntegratedGradients(captum_forward(adapter, kind))
     maps, deltas = [], []

@@ -31,12 +31,12 @@ Protocol choices (paper vs the released code, ``legrad/wrapper.py`` of WalBouss/
   (default ``score="auto"`` -> ``"logit"`` for classes); for text prompts the released code
   differentiates the cosine similarity between the normalised image embedding and the normalised
   text embedding (``"similarity"``, the default for prompts). ``"prob"`` is available.
-* Layers (``layers=``): default ``"paper"``, the last 40 % of the blocks (``ceil(0.4 L)``; Sec. 4.3.1
-  finds this the trade-off between the last layer alone and all layers: 5 of 12 blocks for ViT-B);
-  ``"all"`` is eq. (8) as written (every block); ``"released"`` is the released code's choice,
-  ``LeWrapper(model, layer_index=-2)``: the last two blocks (``wrapper.py`` ``starting_depth``). An int
-  k means the last k blocks, a float in (0, 1] that fraction of the blocks from the end, a list
-  explicit block indices (negatives from the end). ``None`` = the default.
+* Layers (``layers=``, :mod:`vitlens.models.layers`): default ``0.4``, the last 40 % of the blocks
+  (``ceil(0.4 L)``; Sec. 4.3.1 finds this the trade-off between the last layer alone and all layers: 5 of
+  12 blocks for ViT-B); ``None`` is eq. (8) as written (every block); ``2`` is the released code's
+  choice, ``LeWrapper(model, layer_index=-2)``: the last two blocks (``wrapper.py`` ``starting_depth``).
+  An int n means the last n blocks, a float in (0, 1] that share of the blocks from the end, a list
+  explicit block indices (negatives from the end).
 * Pooling (``pooling=``): ``"auto"`` (default) = ``"released"`` for text (CLIP-style) models and
   ``"model"`` for classifiers.
   ``"model"`` reads every layer with the model's own head (CLS token / average pool / both DeiT
@@ -59,8 +59,7 @@ Protocol choices (paper vs the released code, ``legrad/wrapper.py`` of WalBouss/
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -69,54 +68,21 @@ from ..batching import batch_slices, progress as progress_bar, resolve_batch_siz
 from ..errors import InputError, TargetError
 from ..explanation import minmax
 from ..models.base import ViTAdapter
-from ..models.targets import Target
-from .base import MethodResult, register
+from ..models.capabilities import Capability
+from ..models.layers import LayersLike
+from ..models.targets import LOGIT_OR_SIMILARITY, ScoreKind, Target
+from .base import MethodKind, MethodResult, register
 
-LayersLike = Union[None, str, int, float, Sequence[int]]
-LAYER_PRESETS = ("paper", "all", "released")
-PAPER_FRACTION = 0.4  # Sec. 4.3.1: the last 40 % of the blocks
-RELEASED_LAST = 2  # wrapper.py: LeWrapper(model, layer_index=-2)
-POOLINGS = ("auto", "model", "released", "mean")
-
-
-def select_layers(layers: LayersLike, num_blocks: int) -> list[int]:
-    """Sorted unique block indices from ``layers``: ``"paper"`` / None (last ceil(0.4 L)), ``"all"``,
-    ``"released"`` (last 2), int k (last k), float f (last ceil(f * L)), or a sequence of indices
-    (negatives counted from the end)."""
-    if layers is None or layers == "paper":
-        layers = PAPER_FRACTION
-    elif layers == "all":
-        return list(range(num_blocks))
-    elif layers == "released":
-        layers = min(RELEASED_LAST, num_blocks)
-    elif isinstance(layers, str):
-        raise InputError(f"LeGrad layers={layers!r}: use one of {', '.join(LAYER_PRESETS)}, a count, a fraction "
-                         "or a list of block indices.")
-    if isinstance(layers, bool):
-        raise InputError("LeGrad layers must be a preset name, a count, a fraction or a list of block indices.")
-    if isinstance(layers, float):
-        if not 0.0 < layers <= 1.0:
-            raise InputError(f"LeGrad layers={layers}: a fraction must lie in (0, 1].")
-        k = max(1, math.ceil(round(layers * num_blocks, 6)))
-        return list(range(num_blocks - k, num_blocks))
-    if isinstance(layers, int):
-        if not 1 <= layers <= num_blocks:
-            raise InputError(f"LeGrad layers={layers}: the model has {num_blocks} blocks; give a count in 1..{num_blocks}.")
-        return list(range(num_blocks - layers, num_blocks))
-    idx = [int(i) for i in layers]
-    if not idx:
-        raise InputError("LeGrad layers: the list of block indices is empty.")
-    bad = [i for i in idx if not -num_blocks <= i < num_blocks]
-    if bad:
-        raise InputError(f"LeGrad layers {bad} out of range: the model has {num_blocks} blocks (0..{num_blocks - 1}).")
-    return sorted({i % num_blocks for i in idx})
+#: the paper's default (Sec. 4.3.1): the last 40 % of the blocks
+PAPER_LAYERS = 0.4
+#: the released code's ``LeWrapper(model, layer_index=-2)``: the last two blocks
+RELEASED_LAYERS = 2
+Pooling = Literal["auto", "model", "released", "mean"]
 
 
-def resolve_pooling(adapter: ViTAdapter, pooling: str) -> str:
+def resolve_pooling(adapter: ViTAdapter, pooling: Pooling) -> str:
     """``pooling`` -> ``"model"``, ``"mean"`` (token mean, then the model's head) or ``"pooler-prenorm"``
     (attentional pooler fed the blocks' output without the final norm)."""
-    if pooling not in POOLINGS:
-        raise InputError(f"LeGrad pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}.")
     if pooling == "auto":
         pooling = "released" if adapter.supports_text else "model"
     if pooling == "released":
@@ -146,15 +112,6 @@ def _flatten_targets(target, batch: int) -> tuple[object, int]:
     if batch == 1 and isinstance(target, Tensor) and target.numel() > 1:
         return target.reshape(-1).tolist(), int(target.numel())
     return target, 1
-
-
-def _cat_targets(parts: list[Target]) -> Target:
-    if len(parts) == 1:
-        return parts[0]
-    texts = [p.text for p in parts]
-    text = None if all(t is None for t in texts) else torch.cat(texts, 0)
-    return Target(torch.cat([p.index for p in parts]), [lab for p in parts for lab in p.labels], text,
-                  torch.cat([p.is_text for p in parts]))
 
 
 def _tile(t: Target, n: int) -> Target:
@@ -249,11 +206,13 @@ def _relevance(grads: list[Tensor], pooler: bool, S: int, b: int, first_col: int
     return acc / len(grads)
 
 
-@register("legrad", kind="gradient", token_level=True,
+@register("legrad", kind=MethodKind.GRADIENT, token_level=True, needs=(Capability.BLOCKS,),
+          auto_score=LOGIT_OR_SIMILARITY,
+          old_values={"layers": {"paper": PAPER_LAYERS, "all": None, "released": RELEASED_LAYERS}},
           description="LeGrad: layer-wise gradients w.r.t. attention maps (Bousselham et al. 2024)")
 def legrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
-           batch_size: Optional[int] = None, progress: Optional[bool] = None, layers: LayersLike = "paper",
-           score: str = "auto", pooling: str = "auto", correction: Optional[bool] = None,
+           batch_size: Optional[int] = None, progress: Optional[bool] = None, layers: LayersLike = PAPER_LAYERS,
+           score: ScoreKind = "auto", pooling: Pooling = "auto", correction: Optional[bool] = None,
            correction_prompt: str = "a photo of a", correction_threshold: float = 0.8) -> MethodResult:
     """LeGrad saliency (deterministic; ``seed`` is unused).
 
@@ -261,9 +220,10 @@ def legrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] =
         target: as in :func:`vitlens.explain`; additionally a list of lists (one list of K targets
             per image) or, for a single image, a list of K targets gives K maps per image
             (image-major), computed from one forward pass with batched gradients.
-        layers: ``"paper"`` (default: the last 40 % of the blocks, Sec. 4.3.1), ``"all"`` (eq. 8 as
-            written), ``"released"`` (the last 2 blocks, the released code's ``layer_index=-2``), a
-            count from the end, a fraction of the blocks from the end, or explicit block indices.
+        layers: the blocks whose attention is differentiated (:mod:`vitlens.models.layers`): ``0.4``
+            (default: the last 40 % of the blocks, Sec. 4.3.1), ``None`` (every block: eq. 8 as written),
+            ``2`` (the last 2 blocks, the released code's ``layer_index=-2``), a count n (the last n), a
+            share of the blocks from the end, or explicit block indices.
         score: ``"auto"`` (logit for classes, cosine similarity for prompts), ``"logit"``, ``"prob"``,
             ``"similarity"``.
         pooling: ``"auto"`` (``"released"`` for text models, ``"model"`` for classifiers), ``"model"``
@@ -273,11 +233,17 @@ def legrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] =
         correction: SigLIP background correction (None: on for text models with an attentional pooler).
         correction_prompt, correction_threshold: its prompt and threshold.
         batch_size: images per forward/backward pass (automatic when None).
+
+    Returns:
+        :class:`MethodResult` with ``token_maps`` (B*K, gh, gw) (K targets per image, image-major);
+        ``extras``: the blocks, score kind, pooling, correction and ``targets_per_image``.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "legrad", layers=None)           # eq. (8): every block
+        >>> exp = vitlens.explain(clip, x, "legrad", target=[["a dog", "a cat"]])  # two prompts, one image
     """
-    adapter.require("attention blocks", bool(adapter.blocks), "legrad")
     pool_mode = resolve_pooling(adapter, pooling)
-    if score not in ("auto", "logit", "prob", "similarity"):
-        raise InputError(f"unknown score kind '{score}'; choose auto, logit, prob or similarity.")
     pooler = adapter.pool == "map"
     if pooler:
         adapter.require("an explicit attentional pooler (head_with_pool_attention)",
@@ -288,13 +254,13 @@ def legrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] =
         adapter.require("text prompts (for the background correction)", adapter.supports_text, "legrad")
         if not 0.0 <= correction_threshold <= 1.0:
             raise InputError(f"correction_threshold must lie in [0, 1], got {correction_threshold}.")
-    sel = select_layers(layers, adapter.num_blocks)
+    sel = adapter.select_layers(layers, "legrad")
     B = x.shape[0]
     flat, K = _flatten_targets(target, B)
     tgt_all = None if flat is None else adapter.resolve_target(flat, batch=B * K)
     empty = adapter.resolve_target(correction_prompt, batch=1) if correction else None
     first_col = adapter.pool_prefix_columns if pooler else adapter.num_prefix_tokens
-    T = adapter.num_prefix_tokens + adapter.grid_size(x)[0] * adapter.grid_size(x)[1]
+    T = adapter.num_tokens(x)
     bs = resolve_batch_size(batch_size, adapter, T * len(sel), B)
 
     maps, outs_all, tgts, kind = [], [], [], None
@@ -310,7 +276,7 @@ def legrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] =
                 tb = adapter.resolve_target(None, outputs=outputs, batch=b)
             else:
                 tb = tgt_all.select(slice(sl.start * K, sl.stop * K))
-            kind = ("similarity" if tb.any_text else "logit") if score == "auto" else score
+            kind = LOGIT_OR_SIMILARITY.resolve(score, tb)
             with torch.enable_grad():
                 s = _layer_scores(adapter, feats, tb, K, kind)
                 if correction:
@@ -326,7 +292,7 @@ def legrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] =
             tgts.append(tb)
             bar.update(b)
     gh, gw = adapter.grid_size(x)
-    tgt = _cat_targets(tgts)
+    tgt = Target.cat(tgts)
     extras = {"layers": sel, "score": kind, "pooling": pool_mode if not pooler or pool_mode != "model" else "pooler-attention",
               "correction": bool(correction), "targets_per_image": K}
     return MethodResult(target=tgt, token_maps=torch.cat(maps, 0).reshape(B * K, gh, gw),

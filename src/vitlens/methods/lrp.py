@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..batching import batch_slices
-from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._lrp import add_rule, cat_targets, check_chefer_support, chefer_propagate, lrp_batch_size
-from .base import MethodResult, register
-
-MATMUL_RULES = ("normalize", "half")
+from ..models.capabilities import Capability
+from ..models.targets import Target
+from ._lrp_chefer import chefer_propagate
+from ._lrp_rules import MatmulRule, add_rule, check_chefer_support, lrp_batch_size
+from .base import MethodKind, MethodResult, register
 
 
 def zb_conv_relevance(conv: torch.nn.Conv2d, x: Tensor, r: Tensor, stabiliser: float = 1e-9) -> Tensor:
@@ -69,11 +69,12 @@ def input_relevance(adapter: ViTAdapter, x: Tensor, rel_tokens: Tensor) -> Tenso
     return zb_conv_relevance(parts["conv"], x.to(r_patch.dtype), r_patch).sum(1)
 
 
-@register("lrp", kind="relevance", token_level=False,
+@register("lrp", kind=MethodKind.RELEVANCE, token_level=False,
+          needs=(Capability.BLOCKS, Capability.PATCH_EMBEDDING),
           description="Full LRP relevance at the input pixels (Chefer et al. 2021's 'LRP' baseline)")
 def lrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
         batch_size: Optional[int] = None, progress: Optional[bool] = None,
-        matmul_rule: str = "normalize") -> MethodResult:
+        matmul_rule: MatmulRule = "normalize") -> MethodResult:
     """Full LRP (pixel-level relevance summed over colour channels; deterministic, ``seed`` unused).
 
     Args:
@@ -81,9 +82,6 @@ def lrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
             (identical for bias-free products, see :mod:`vitlens.methods.chefer1`).
     """
     check_chefer_support(adapter, "lrp")
-    if matmul_rule not in MATMUL_RULES:
-        raise InputError(f"lrp matmul_rule must be one of {', '.join(MATMUL_RULES)}, got '{matmul_rule}'.")
-    adapter.embed_parts(x[:1])  # clear error before any work when the patch embedding is not exposed
     B = x.shape[0]
     tgt = None if target is None else adapter.resolve_target(target, batch=B)
     maps, outs, tgts = [], [], []
@@ -93,5 +91,5 @@ def lrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
         with torch.no_grad():
             maps.append(input_relevance(adapter, x[sl], res.rel_tokens))
         outs.append(res.outputs); tgts.append(res.target)
-    return MethodResult(target=cat_targets(tgts), maps=torch.cat(maps), outputs=torch.cat(outs),
+    return MethodResult(target=Target.cat(tgts), maps=torch.cat(maps), outputs=torch.cat(outs),
                         extras={"matmul_rule": matmul_rule})

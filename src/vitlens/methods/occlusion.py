@@ -28,8 +28,9 @@ from torch import Tensor
 from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
 from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, pair, row_scores, tokens_per_input
-from .base import MethodResult, register
+from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, pair, row_scores
+from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from .base import MethodKind, MethodResult, register
 
 
 def window_starts(size: int, window: int, stride: int) -> Tensor:
@@ -39,12 +40,12 @@ def window_starts(size: int, window: int, stride: int) -> Tensor:
     return torch.arange(0, size - window + 1, stride)
 
 
-@register("occlusion", kind="perturbation", token_level=False,
+@register("occlusion", kind=MethodKind.PERTURBATION, token_level=False, auto_score=PROB_OR_SIMILARITY,
           description="Occlusion: score drop when a sliding window is hidden (Zeiler & Fergus 2014)")
 def occlusion(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
               batch_size: Optional[int] = None, progress: Optional[bool] = None,
               window: Union[int, tuple[int, int], None] = None, stride: Union[int, tuple[int, int], None] = None,
-              baseline: BaselineLike = "zero", score: str = "auto") -> MethodResult:
+              baseline: BaselineLike = "zero", score: ScoreKind = "auto") -> MethodResult:
     """Occlusion saliency (pixel maps).
 
     Args:
@@ -70,7 +71,7 @@ def occlusion(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int
     n = ny * nx
     count = row_in.float().sum(0)[:, None] * col_in.float().sum(0)[None, :]  # windows covering each pixel
     total = B * n
-    bs = resolve_batch_size(batch_size, adapter, tokens_per_input(adapter, x), total)
+    bs = resolve_batch_size(batch_size, adapter, adapter.num_tokens(x), total)
     acc = torch.zeros(B, H, W, device=x.device, dtype=torch.float32)
     rows_tgt = tgt.repeat_interleave(n)  # row r explains image r // n; sliced on the device below
     with torch.no_grad(), progress_bar(total, "Occlusion windows", progress, unit="img") as bar:

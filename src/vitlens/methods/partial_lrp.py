@@ -16,35 +16,33 @@ Average-pooled models use the mean of the patch rows instead of the CLS row.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
 
 from ..batching import batch_slices
-from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._lrp import cat_targets, chefer_propagate, lrp_batch_size, pooled_row, safe_div
-from .base import MethodResult, register
-from .chefer1 import _check
+from ..models.capabilities import Capability
+from ..models.targets import Target
+from ._lrp_chefer import chefer_propagate, pooled_row
+from ._lrp_rules import MatmulRule, check_chefer_support, lrp_batch_size, safe_div
+from .base import MethodKind, MethodResult, register
 
-VARIANTS = ("attention_relevance", "head_relevance")
 
-
-@register("partial_lrp", kind="relevance", token_level=True,
+@register("partial_lrp", kind=MethodKind.RELEVANCE, token_level=True, needs=(Capability.BLOCKS,),
           description="Partial LRP: last block's attention weighted by LRP relevance (Voita et al. 2019)")
 def partial_lrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
                 batch_size: Optional[int] = None, progress: Optional[bool] = None,
-                variant: str = "attention_relevance", matmul_rule: str = "normalize") -> MethodResult:
+                variant: Literal["attention_relevance", "head_relevance"] = "attention_relevance",
+                matmul_rule: MatmulRule = "normalize") -> MethodResult:
     """Partial LRP of the last block.
 
     Args:
         variant: ``"attention_relevance"`` (Chefer et al.'s implementation) or ``"head_relevance"``.
         matmul_rule: ``"normalize"`` (Chefer et al.'s paper) or ``"half"`` (their code).
     """
-    _check(adapter, "partial_lrp", matmul_rule)
-    if variant not in VARIANTS:
-        raise InputError(f"partial_lrp variant must be one of {', '.join(VARIANTS)}, got '{variant}'.")
+    check_chefer_support(adapter, "partial_lrp")
     B = x.shape[0]
     last = adapter.num_blocks - 1
     tgt = None if target is None else adapter.resolve_target(target, batch=B)
@@ -61,6 +59,6 @@ def partial_lrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[i
             mat = safe_div((w[:, :, None, None] * A).sum(1), w.sum(1)[:, None, None])
         maps.append(pooled_row(adapter, mat)); outs.append(res.outputs); tgts.append(res.target)
     gh, gw = adapter.grid_size(x)
-    return MethodResult(target=cat_targets(tgts), token_maps=torch.cat(maps).reshape(B, gh, gw),
+    return MethodResult(target=Target.cat(tgts), token_maps=torch.cat(maps).reshape(B, gh, gw),
                         outputs=torch.cat(outs), extras={"variant": variant, "matmul_rule": matmul_rule})
 

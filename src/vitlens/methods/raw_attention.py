@@ -12,25 +12,36 @@ from typing import Optional
 from torch import Tensor
 
 from ..models.base import ViTAdapter
-from ._attention_utils import capture, fuse_heads, layer_index, require_cls, to_grid
-from .base import MethodResult, register
+from ..models.layers import LayersLike
+from ._attention_utils import CLS_BLOCKS, HeadFusion, capture, fuse_heads, require_cls, to_grid
+from .base import MethodKind, MethodResult, register
 
 
-@register("raw_attention", kind="attention", token_level=True,
+@register("raw_attention", kind=MethodKind.ATTENTION, token_level=True, needs=CLS_BLOCKS,
+          renamed={"layer": "layers"},
           description="CLS-row attention of the last block, mean over heads (LeGrad supp. eq. 11)")
 def raw_attention(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
-                  batch_size: Optional[int] = None, progress: Optional[bool] = None, layer: int = -1,
-                  head_fusion: str = "mean") -> MethodResult:
+                  batch_size: Optional[int] = None, progress: Optional[bool] = None, layers: LayersLike = None,
+                  head_fusion: HeadFusion = "mean") -> MethodResult:
     """Raw attention map.
 
     Args:
-        layer: block whose attention is read (default -1, the last block, as in the paper).
+        layers: the one block whose attention is read (:mod:`vitlens.models.layers`; ``None``: the last
+            block, as in the paper; ``[k]``: block k).
         head_fusion: ``"mean"`` over heads (paper), or ``"max"`` / ``"min"``.
-    Needs a CLS token (models pooled by averaging raise :class:`UnsupportedModelError`).
+
+    Returns:
+        :class:`MethodResult` with ``token_maps`` (B, gh, gw): the CLS row's attention over the patches;
+        ``extras["layer"]``, the block read. Needs a CLS token (models pooled by averaging raise
+        :class:`UnsupportedModelError`).
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "raw_attention", layers=[-2])   # the second-to-last block
     """
     cls = require_cls(adapter, "raw_attention")
-    l = layer_index(adapter, layer, "raw_attention")
+    l = adapter.select_layer(layers, "raw_attention")
     cap = capture(adapter, x, target, sites={"attn": [l]})
-    fused = fuse_heads(cap.values[("attn", l)].float(), head_fusion, "raw_attention")
+    fused = fuse_heads(cap.values[("attn", l)].float(), head_fusion)
     return MethodResult(target=cap.target, token_maps=to_grid(adapter, x, fused[:, cls]), outputs=cap.outputs,
                         extras={"layer": l})

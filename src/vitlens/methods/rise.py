@@ -37,8 +37,9 @@ from torch import Tensor
 from ..batching import batch_slices, generator, progress as progress_bar, resolve_batch_size
 from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, row_scores, tokens_per_input
-from .base import MethodResult, register
+from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, row_scores
+from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from .base import MethodKind, MethodResult, register
 
 _GRID_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
 _GRID_CACHE_MAX = 8
@@ -95,11 +96,11 @@ def rise_masks(n_masks: int = 4000, s: int = 7, p: float = 0.5, size: tuple[int,
     return rise_masks_from_grids(grids, shifts, size, device=device)
 
 
-@register("rise", kind="perturbation", token_level=False,
+@register("rise", kind=MethodKind.PERTURBATION, token_level=False, auto_score=PROB_OR_SIMILARITY,
           description="RISE: random upsampled binary masks weighted by the masked image's score (Petsiuk et al. 2018)")
 def rise(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0, batch_size: Optional[int] = None,
          progress: Optional[bool] = None, n_masks: int = 4000, s: int = 7, p: float = 0.5,
-         baseline: BaselineLike = "zero", score: str = "auto", masks: Optional[Tensor] = None) -> MethodResult:
+         baseline: BaselineLike = "zero", score: ScoreKind = "auto", masks: Optional[Tensor] = None) -> MethodResult:
     """RISE saliency (pixel maps).
 
     Args:
@@ -130,7 +131,7 @@ def rise(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0
     outputs, tgt, kind = clean_pass(adapter, x, target, score)
     base = baseline_image(adapter, x, baseline)
     total = B * n
-    bs = resolve_batch_size(batch_size, adapter, tokens_per_input(adapter, x), total)
+    bs = resolve_batch_size(batch_size, adapter, adapter.num_tokens(x), total)
     sal = torch.zeros(B, H, W, device=x.device, dtype=torch.float32)
     rows_tgt = tgt.repeat_interleave(n)  # row r explains image r // n; sliced on the device below
     if grids is not None:  # the (small) grids go to the device once, not per batch

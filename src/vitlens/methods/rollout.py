@@ -1,6 +1,6 @@
 """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020).
 
-For every block l (from ``start_layer``), the heads are fused (mean by default), the residual
+For every selected block l (``layers``: every block by default), the heads are fused (mean by default), the residual
 connection is modelled by adding the identity and the rows are re-normalised,
 
     Â_l = (A_l + I) / rowsum(A_l + I)        (= 0.5 A_l + 0.5 I for row-stochastic A_l),
@@ -30,15 +30,16 @@ only the first two points change the map.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
 
 from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._attention_utils import capture, fuse_heads, layer_index, require_cls, to_grid
-from .base import MethodResult, register
+from ..models.layers import LayersLike
+from ._attention_utils import CLS_BLOCKS, HeadFusion, capture, fuse_heads, require_cls, to_grid
+from .base import MethodKind, MethodResult, register
 
 
 def discard_lowest(fused: Tensor, ratio: float, keep_index: int) -> Tensor:
@@ -70,35 +71,42 @@ def discard_vit_explain(fused: Tensor, ratio: float) -> Tensor:
     return flat.masked_fill(drop, 0.0).reshape(B, T, T)
 
 
-@register("rollout", kind="attention", token_level=True,
+@register("rollout", kind=MethodKind.ATTENTION, token_level=True, needs=CLS_BLOCKS,
+          renamed={"start_layer": "layers"},
           description="Attention rollout: product of residual-augmented head-fused attention (Abnar & Zuidema 2020)")
 def rollout(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
-            batch_size: Optional[int] = None, progress: Optional[bool] = None, head_fusion: str = "mean",
-            discard_ratio: float = 0.0, start_layer: int = 0, variant: str = "paper") -> MethodResult:
+            batch_size: Optional[int] = None, progress: Optional[bool] = None, head_fusion: HeadFusion = "mean",
+            discard_ratio: float = 0.0, layers: LayersLike = None,
+            variant: Literal["paper", "vit_explain"] = "paper") -> MethodResult:
     """Attention rollout.
 
     Args:
         head_fusion: ``"mean"`` (paper), ``"max"`` or ``"min"`` over heads.
         discard_ratio: fraction in [0, 1) of the lowest fused attentions set to zero per block
             (0 = the paper's rollout).
-        start_layer: first block multiplied in (0 = all blocks, the paper).
+        layers: the blocks multiplied in, first to last (:mod:`vitlens.models.layers`; ``None``: every
+            block, the paper; ``n``: the last n).
         variant: ``"paper"`` (row-normalised (A + I)) or ``"vit_explain"`` (the vit-explain code TIS
             wrapped; see the module docstring).
-    Needs a CLS token.
+
+    Returns:
+        :class:`MethodResult` with ``token_maps`` (B, gh, gw): the CLS row of the rolled-out attention over
+        the patches; ``extras["layers"]``: the blocks multiplied in. Needs a CLS token.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "rollout", discard_ratio=0.9, variant="vit_explain")
     """
-    if variant not in ("paper", "vit_explain"):
-        raise InputError(f"rollout: variant must be 'paper' or 'vit_explain', got '{variant}'.")
     cls = require_cls(adapter, "rollout")
-    start = layer_index(adapter, start_layer, "rollout", "start_layer")
+    blocks = adapter.select_layers(layers, "rollout")
     if not 0.0 <= float(discard_ratio) < 1.0:
         raise InputError(f"rollout: discard_ratio must lie in [0, 1), got {discard_ratio}.")
-    layers = list(range(start, adapter.num_blocks))
-    cap = capture(adapter, x, target, sites={"attn": layers})
-    T = cap.values[("attn", layers[0])].shape[-1]
+    cap = capture(adapter, x, target, sites={"attn": blocks})
+    T = cap.values[("attn", blocks[0])].shape[-1]
     eye = torch.eye(T, device=x.device, dtype=torch.float32)
     joint = None
-    for l in layers:  # loop over blocks (a handful), everything inside is batched
-        a = fuse_heads(cap.values[("attn", l)].float(), head_fusion, "rollout")
+    for l in blocks:  # loop over blocks (a handful), everything inside is batched
+        a = fuse_heads(cap.values[("attn", l)].float(), head_fusion)
         if variant == "vit_explain":
             a = discard_vit_explain(a, float(discard_ratio))
             a = (a + eye) / 2
@@ -112,4 +120,4 @@ def rollout(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] 
     if variant == "vit_explain":
         maps = maps / maps.reshape(maps.shape[0], -1).max(1).values[:, None, None]
     return MethodResult(target=cap.target, token_maps=maps, outputs=cap.outputs,
-                        extras={"start_layer": start, "variant": variant})
+                        extras={"layers": blocks, "variant": variant})

@@ -23,20 +23,20 @@ the features come from the clean pass at the model's dtype and the weights are f
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
-from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, row_scores, tokens_per_input
-from .base import MethodResult, register
-
-SITES = ("input", "norm1", "mid", "norm2", "output")
-
+from ..models.blocks import FeatureSite
+from ..models.capabilities import Capability
+from ..models.layers import LayersLike
+from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, row_scores
+from .base import MethodKind, MethodResult, register
 
 def channel_masks(acts: Tensor, size: tuple[int, int]) -> Tensor:
     """(n, gh, gw) activation maps -> (n, H, W) masks: bilinear upsampling, then per-map min-max
@@ -49,31 +49,33 @@ def channel_masks(acts: Tensor, size: tuple[int, int]) -> Tensor:
     return out.reshape(up.shape)
 
 
-@register("scorecam", kind="perturbation", token_level=True,
+@register("scorecam", kind=MethodKind.PERTURBATION, token_level=True, needs=(Capability.BLOCKS,),
+          auto_score=PROB_OR_SIMILARITY, renamed={"layer": "layers"},
           description="Score-CAM for ViTs: token channels as masks, weighted by the masked image's score (Wang et al. 2020)")
 def scorecam(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
-             batch_size: Optional[int] = None, progress: Optional[bool] = None, layer: int = -1,
-             site: str = "norm1", weights: str = "cic", baseline: BaselineLike = "zero",
-             score: str = "auto") -> MethodResult:
-    """Score-CAM saliency (token maps).
+             batch_size: Optional[int] = None, progress: Optional[bool] = None, layers: LayersLike = None,
+             site: FeatureSite = "norm1", weights: Literal["cic", "softmax"] = "cic", baseline: BaselineLike = "zero",
+             score: ScoreKind = "auto") -> MethodResult:
+    """Score-CAM map.
 
     Args:
-        layer: block whose patch tokens give the channels (negative counts from the end).
-        site: hook site inside the block: ``"norm1"`` (default), ``"input"``, ``"mid"``, ``"norm2"``, ``"output"``.
+        layers: the one block whose patch tokens give the channels (:mod:`vitlens.models.layers`;
+            ``None``: the last block).
+        site: hook site inside the block: ``"norm1"`` (default), or another token site
+            (:data:`vitlens.models.blocks.FeatureSite`: ``"input"``, ``"mid"``, ``"norm2"``, ``"output"``, ...).
         weights: ``"cic"`` alpha_k = f(X . H^k) - f(X_b) (paper eq. 4-5, default) or ``"softmax"``.
         baseline: the image masked pixels move to (see :func:`baseline_image`).
         score: ``"prob"`` (paper), ``"logit"``, ``"similarity"`` (CLIP prompts) or ``"auto"``.
+
     Returns:
-        ``token_maps`` (B, gh, gw); ``extras``: ``channel_weights`` (B, D), ``score``.
+        :class:`MethodResult` with ``token_maps`` (B, gh, gw); ``extras``: ``channel_weights`` (B, D),
+        ``score``, ``layer``, ``site``.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "scorecam", layers=[-2], site="output")
     """
-    L = adapter.num_blocks
-    if not -L <= layer < L:
-        raise InputError(f"scorecam layer {layer} is out of range for {L} blocks.")
-    if site not in SITES:
-        raise InputError(f"scorecam site '{site}' is not one of {', '.join(SITES)}.")
-    if weights not in ("cic", "softmax"):
-        raise InputError(f"scorecam weights must be 'cic' or 'softmax', got '{weights}'.")
-    layer = layer % L
+    layer = adapter.select_layer(layers, "scorecam")
     captured: list[Tensor] = []
 
     def grab(l: int, t: Tensor) -> None:
@@ -89,7 +91,7 @@ def scorecam(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int]
     maps = acts.transpose(1, 2).reshape(B, D, gh, gw)
     base = baseline_image(adapter, x, baseline)
     total = B * D
-    bs = resolve_batch_size(batch_size, adapter, tokens_per_input(adapter, x), total)
+    bs = resolve_batch_size(batch_size, adapter, adapter.num_tokens(x), total)
     masked_scores = torch.empty(total, device=x.device, dtype=torch.float32)
     with torch.no_grad():
         base_scores = row_scores(adapter, base.expand(B, -1, H, W), tgt, torch.arange(B, device=x.device), kind)

@@ -23,7 +23,7 @@ Protocol choices:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -31,16 +31,18 @@ from torch import Tensor
 from ..batching import batch_slices, generator, progress as progress_bar, resolve_batch_size
 from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._perturbation_utils import captum_forward, captum_target_args, clean_pass, reduce_channels, tokens_per_input
-from .base import MethodResult, register
+from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from ._perturbation_utils import Reduce, captum_forward, captum_target_args, clean_pass, reduce_channels
+from .base import MethodKind, MethodResult, register
 from .integrated_gradients import GRAD_ACTIVATIONS_PER_TOKEN
 
 
-@register("smoothgrad", kind="gradient", token_level=False,
+@register("smoothgrad", kind=MethodKind.GRADIENT, token_level=False, auto_score=PROB_OR_SIMILARITY,
           description="SmoothGrad: input gradients averaged over noisy copies, via Captum (Smilkov et al. 2017)")
 def smoothgrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
                batch_size: Optional[int] = None, progress: Optional[bool] = None, n_samples: int = 50,
-               noise_level: float = 0.15, average: str = "grad", reduce: str = "abs_sum", score: str = "auto",
+               noise_level: float = 0.15, average: Literal["grad", "abs_grad"] = "grad", reduce: Reduce = "abs_sum",
+               score: ScoreKind = "auto",
                noise: Optional[Tensor] = None, noise_sigma: Optional[float] = None) -> MethodResult:
     """SmoothGrad (pixel maps).
 
@@ -57,11 +59,8 @@ def smoothgrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[in
     from captum.attr import Saliency
 
     B, C, H, W = x.shape
-    if average not in ("grad", "abs_grad"):
-        raise InputError(f"smoothgrad average must be 'grad' or 'abs_grad', got '{average}'.")
     if noise_level < 0:
         raise InputError(f"smoothgrad noise_level must be >= 0, got {noise_level}.")
-    reduce_channels(torch.zeros(1, 1, 1, 1), reduce)  # validate early
     if noise is None:
         if n_samples < 1:
             raise InputError(f"smoothgrad n_samples must be >= 1, got {n_samples}.")
@@ -80,7 +79,7 @@ def smoothgrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[in
     else:
         sigma = noise_level * (flat.max(1).values - flat.min(1).values)  # (B,)
     total = B * n
-    bs = resolve_batch_size(batch_size, adapter, tokens_per_input(adapter, x), total,
+    bs = resolve_batch_size(batch_size, adapter, adapter.num_tokens(x), total,
                             activations_per_token=GRAD_ACTIVATIONS_PER_TOKEN)
     sal = Saliency(captum_forward(adapter, kind))
     acc = torch.zeros(B, C, H, W, device=x.device, dtype=torch.float32)

@@ -11,15 +11,15 @@ sigma fixed), the contribution of source token j through head h of block l is
 acts linearly; the output-projection bias belongs to no token and is left out). The map for the
 target direction t is
 
-    E_j = Σ_{l in last n_layers} Σ_h < c_{l,h,j}, t > / ||y||
+    E_j = Σ_{l in layers} Σ_h < c_{l,h,j}, t > / ||y||
 
 i.e. each image token's direct effect on the cosine similarity between the image embedding y and the
 prompt's text embedding t (for class targets of a CLIP model with a vocabulary, t is the class's
 prompt embedding; for a CLS-pooled *classifier* the same decomposition is read on the target class's
 logit, t = one-hot and no division by ||y|| -- an extension of the paper to classifiers).
 
-``n_layers``: the paper shows that the direct effects are concentrated in the last 4 attention
-layers (the earlier ones can be mean-ablated) and decomposes those; ``n_layers=None`` sums all
+``layers``: the paper shows that the direct effects are concentrated in the last 4 attention
+layers (the earlier ones can be mean-ablated) and decomposes those (``layers=4``, the last 4); ``layers=None`` sums all
 layers, as the authors' segmentation script does. The authors' code spreads the final LayerNorm's
 mean removal evenly over all components instead of centring each one; this changes each token's
 value by a term proportional to its channel mean -- we centre each contribution (the exact linear
@@ -33,16 +33,17 @@ negligible), and sigma follows from the CLS token itself. Needs a CLS-pooled mod
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import InputError
 from ..models.base import ViTAdapter
+from ..models.capabilities import Capability
+from ..models.layers import LayersLike
 from ._attention_utils import capture, require_cls, to_grid
-from .base import MethodResult, register
+from .base import MethodKind, MethodResult, register
 
 _K = 1.0e3
 
@@ -71,20 +72,28 @@ def _direction(adapter: ViTAdapter, tgt, outputs: Tensor) -> tuple[Tensor, bool]
     return F.one_hot(tgt.index.to(outputs.device), outputs.shape[-1]).float().reshape(B, -1), False
 
 
-@register("textspan", kind="attention", token_level=True,
+@register("textspan", kind=MethodKind.ATTENTION, token_level=True,
+          needs=(Capability.BLOCKS, Capability.CLS), renamed={"n_layers": "layers"},
           description="TextSpan: direct effect of each image token through the last layers' heads on the prompt "
                       "(Gandelsman et al. ICLR 2024)")
 def textspan(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
-             batch_size: Optional[int] = None, progress: Optional[bool] = None, n_layers: Optional[int] = 4,
-             contrast: str = "none") -> MethodResult:
+             batch_size: Optional[int] = None, progress: Optional[bool] = None, layers: LayersLike = 4,
+             contrast: Literal["none", "class_mean"] = "none") -> MethodResult:
     """TextSpan spatial map.
 
     Args:
-        n_layers: number of last blocks whose heads are decomposed (4, the paper's analysis; ``None``
-            = all blocks, the authors' segmentation script).
+        layers: the blocks whose heads are decomposed (:mod:`vitlens.models.layers`; 4: the last 4, the
+            paper's analysis; ``None``: every block, the authors' segmentation script).
         contrast: ``"none"`` (the map for the target direction) or ``"class_mean"`` (minus the mean map
             over the model's class vocabulary, as the authors' segmentation script).
-    Needs a CLS-pooled model (CLIP image towers, ``global_pool='token'`` classifiers).
+
+    Returns:
+        :class:`MethodResult` with ``token_maps`` (B, gh, gw); ``extras``: the blocks and the contrast.
+        Needs a CLS-pooled model (CLIP image towers, ``global_pool='token'`` classifiers).
+
+    Example::
+
+        >>> exp = vitlens.explain(clip, x, "textspan", target="a photo of a dog", layers=None)
     """
     cls = require_cls(adapter, "textspan")
     adapter.require("CLS-token pooling (the embedding must be the normalised CLS token)", adapter.pool == "cls",
@@ -92,18 +101,13 @@ def textspan(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int]
     adapter.require("a head on the CLS token alone (distilled DeiT averages two token heads)",
                     not getattr(adapter, "distilled", False), "textspan")
     L = adapter.num_blocks
-    n = L if n_layers is None else int(n_layers)
-    if not 1 <= n <= L:
-        raise InputError(f"textspan: n_layers={n_layers} must lie in [1, {L}] (or be None for all blocks).")
-    if contrast not in ("none", "class_mean"):
-        raise InputError(f"textspan: contrast must be 'none' or 'class_mean', got '{contrast}'.")
-    layers = list(range(L - n, L))
-    cap = capture(adapter, x, target, sites={"attn": layers, "v": layers, "norm1": layers, "output": [L - 1]})
+    blocks = adapter.select_layers(layers, "textspan")
+    cap = capture(adapter, x, target, sites={"attn": blocks, "v": blocks, "norm1": blocks, "output": [L - 1]})
     tgt, y = cap.target, cap.outputs.float()
     with torch.no_grad():
         B = x.shape[0]
         total = None
-        for l in layers:  # a few blocks; everything inside is batched
+        for l in blocks:  # a few blocks; everything inside is batched
             spec = adapter.blocks[l]
             a = cap.values[("attn", l)]  # (B, H, T, T)
             v = cap.values[("v", l)]  # (B, H, T, hd)
@@ -133,4 +137,4 @@ def textspan(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int]
         if cosine:
             emap = emap / y.norm(dim=-1, keepdim=True)
     return MethodResult(target=tgt, token_maps=to_grid(adapter, x, emap), outputs=cap.outputs,
-                        extras={"layers": layers, "contrast": contrast})
+                        extras={"layers": blocks, "contrast": contrast})

@@ -20,7 +20,7 @@ the clean pass that feeds K-Means, the K-Means itself, the scores and eq. (5) st
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +30,9 @@ from ..errors import InputError
 from ..kmeans import kmeans
 from ..models.base import ViTAdapter
 from ..precision import perturbed_subset
-from .base import MethodResult, register
+from ..models.capabilities import Capability
+from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from .base import MethodKind, MethodResult, register
 
 
 def tis_masks(activations: Tensor, n_masks: int, ratio: float, *, seed: Optional[int] = 0,
@@ -71,11 +73,13 @@ def coverage_weighted_sum(keep: Tensor, weights: Tensor, n_tokens: int) -> Tenso
     return torch.where(cov > 0, num / cov.clamp_min(1), torch.zeros_like(num))
 
 
-@register("tis", kind="perturbation", token_level=True,
+@register("tis", kind=MethodKind.PERTURBATION, token_level=True, needs=(Capability.TOKEN_SUBSETS,),
+          auto_score=PROB_OR_SIMILARITY,
           description="Transformer Input Sampling: K-Means token masks scored on token subsets (Englebert et al. 2023)")
 def tis(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0, batch_size: Optional[int] = None,
-        progress: Optional[bool] = None, n_masks: int = 1024, ratio: float = 0.5, score: str = "auto",
-        kmeans_init: str = "random", max_iter: int = 100, tol: float = 1e-4, empty_clusters: str = "keep",
+        progress: Optional[bool] = None, n_masks: int = 1024, ratio: float = 0.5, score: ScoreKind = "auto",
+        kmeans_init: Literal["random", "k-means++"] = "random", max_iter: int = 100, tol: float = 1e-4,
+        empty_clusters: Literal["keep", "zero"] = "keep",
         return_masks: bool = False, normalise_output: bool = False) -> MethodResult:
     """TIS saliency.
 
@@ -92,15 +96,22 @@ def tis(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
             ``/ max``), as the reference code's ``normalise=True`` default does (``tis/tis.py``,
             ``generate_saliency``); changes only the raw map (``explain(normalise=False)``), which the
             TIS protocols of sparseness and max-sensitivity read.
+
+    Returns:
+        :class:`MethodResult` with ``token_maps`` (B, gh, gw), eq. (5); ``extras``: ``n_masks``, ``n_keep``,
+        ``score`` (and ``keep`` (B, N_m, N_k), ``mask_scores`` (B, N_m) with ``return_masks``).
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "tis", n_masks=256, seed=0)
     """
-    adapter.require("token subsets (a ViT encoder)", hasattr(adapter, "forward_subset") and bool(adapter.blocks), "tis")
     if n_masks < 1:
         raise InputError(f"TIS n_masks must be >= 1, got {n_masks}.")
     P = adapter.num_prefix_tokens
     with torch.no_grad():
         tr = adapter.trace(x, tokens=True)
         tgt = adapter.resolve_target(target, outputs=tr.outputs, batch=x.shape[0])
-        kind = adapter.default_score(tgt) if score == "auto" else score
+        kind = PROB_OR_SIMILARITY.resolve(score, tgt)
         acts = torch.cat([t[:, P:] for t in tr.tokens], dim=-1).float()  # (B, N_t, L*D)
         B, n_tokens, _ = acts.shape
         keep, _ = tis_masks(acts, n_masks, ratio, seed=seed, kmeans_init=kmeans_init, max_iter=max_iter,

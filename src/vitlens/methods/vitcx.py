@@ -8,14 +8,15 @@ For each image (one forward pass gives both the clean output and the features):
    patch grid; each is upsampled bilinearly to the input size (``align_corners=False``) and min-max
    normalised to [0, 1] (a constant map becomes 0).
 
-   *Feature site* (``feature=``): the default is the authors' code and every published ViT-CX
+   *Feature site* (``site=``): the default is the authors' code and every published ViT-CX
    figure: the output of the chosen block's first LayerNorm, i.e. the normalised input to its attention
    (``"norm1"``; ``ViT_CX.py`` is called with ``target_layer=model.blocks[-1].norm1``, and TIS's
    ``comparison_methods/vitcx_wrapper.py`` passes the same layer). The paper's text describes the
    output of the attention module (``"attn_branch"``, kept as an option; for models with layer scale
    this includes the per-channel scale, which does not change a min-max-normalised mask when positive).
-   Any site of ``adapter.FEATURE_SITES`` is accepted. *Block* (``layer=``): the last block for ViTs, the last
-   block of the second-to-last stage for Swin (``adapter.default_feature_layer``).
+   Any site of ``adapter.FEATURE_SITES`` is accepted. *Block* (``layers=``, one block): the last block for
+   ViTs, the last block of the second-to-last stage for Swin (the paper's Sec. 4.1;
+   ``adapter.default_feature_layer``).
 
 2. **Mask clustering.** Distance 1 - cosine similarity between the pixel-resolution masks
    (similarity 0 when a mask is all zero, as in the authors' code); agglomerative clustering with
@@ -55,7 +56,7 @@ Only the D x D distance matrix goes to the CPU for SciPy's hierarchical clusteri
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -67,12 +68,16 @@ from ..errors import InputError
 from ..models.base import ViTAdapter
 from ..models.targets import Target
 from ..precision import perturbed_forward
-from .base import MethodResult, register
+from ..models.blocks import FeatureSite
+from ..models.capabilities import Capability
+from ..models.layers import LayersLike
+from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from .base import MethodKind, MethodResult, register
 
 DELTA_VIT = 0.1
 DELTA_SWIN = 0.05
-MASK_MODES = ("clustered", "all", "random")
-CAUSAL_SCORES = ("debiased", "plain")
+MaskMode = Literal["clustered", "all", "random"]
+CausalScore = Literal["debiased", "plain"]
 
 
 # ---------------------------------------------------------------------- bilinear algebra
@@ -203,19 +208,21 @@ def pcb_saliency(masks: Tensor, scores: Tensor, pcb: bool = True) -> Tensor:
     return torch.where(cov > 0, num / torch.where(cov > 0, cov, torch.ones_like(cov)), torch.zeros_like(num))
 
 
-@register("vitcx", kind="perturbation", token_level=False,
+@register("vitcx", kind=MethodKind.PERTURBATION, token_level=False, needs=(Capability.FEATURE_MAPS,),
+          auto_score=PROB_OR_SIMILARITY, renamed={"layer": "layers", "feature": "site"},
           description="ViT-CX: clustered ViT-feature masks scored by debiased causal impact (Xie et al. 2023)")
 def vitcx(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0, batch_size: Optional[int] = None,
-          progress: Optional[bool] = None, layer: Union[int, Sequence[int], None] = None, feature: str = "norm1",
-          delta: Optional[float] = None, masks: str = "clustered", n_random_masks: Optional[int] = None,
-          causal_score: str = "debiased", pcb: bool = True, sigma: float = 0.1, score: str = "auto",
-          return_masks: bool = False) -> MethodResult:
+          progress: Optional[bool] = None, layers: Union[LayersLike, Sequence[tuple[int, int]]] = None,
+          site: FeatureSite = "norm1", delta: Optional[float] = None, masks: MaskMode = "clustered",
+          n_random_masks: Optional[int] = None, causal_score: CausalScore = "debiased", pcb: bool = True,
+          sigma: float = 0.1, score: ScoreKind = "auto", return_masks: bool = False) -> MethodResult:
     """ViT-CX saliency (pixel maps).
 
     Args:
-        layer: block whose tokens give the features (default: last block; Swin: last block of the
-            second-to-last stage; Swin also takes a ``(stage, block)`` pair).
-        feature: hook site of the features: ``"norm1"`` (default; the authors' code: the first
+        layers: the one block whose tokens give the features (:mod:`vitlens.models.layers`; ``None``:
+            the paper's block, the last one; Swin: the last block of the second-to-last stage; Swin also
+            takes ``[(stage, block)]``).
+        site: hook site of the features: ``"norm1"`` (default; the authors' code: the first
             LayerNorm's output) or ``"attn_branch"`` (the paper's text: output of the attention
             module); see module docs.
         delta: clustering distance threshold (default 0.1, 0.05 for hierarchical/Swin models).
@@ -227,11 +234,15 @@ def vitcx(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 
         score: ``"prob"`` (paper), ``"logit"``, ``"similarity"`` (text prompts) or ``"auto"``.
         return_masks: put the masks (list of (K, H, W) CPU tensors), their causal scores and the
             cluster labels in ``extras``.
+
+    Returns:
+        :class:`MethodResult` with ``maps`` (B, H, W), eq. (5); ``extras``: ``n_masks`` (K per image),
+        ``site``, ``delta``, ``layer``, ``masks``, ``causal_score``, ``pcb``, ``score``.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "vitcx", causal_score="plain", pcb=False)  # Table 2
     """
-    if masks not in MASK_MODES:
-        raise InputError(f"ViT-CX masks='{masks}' is not one of {', '.join(MASK_MODES)}.")
-    if causal_score not in CAUSAL_SCORES:
-        raise InputError(f"ViT-CX causal_score='{causal_score}' is not one of {', '.join(CAUSAL_SCORES)}.")
     if not sigma >= 0:
         raise InputError(f"ViT-CX sigma must be >= 0, got {sigma}.")
     if delta is None:
@@ -240,13 +251,14 @@ def vitcx(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 
         raise InputError(f"ViT-CX delta is a cosine distance threshold in [0, 2], got {delta}.")
     if n_random_masks is not None and n_random_masks < 1:
         raise InputError(f"ViT-CX n_random_masks must be >= 1, got {n_random_masks}.")
+    layer = adapter.select_layer(layers, "vitcx")
     B, C, H, W = x.shape
     size = (H, W)
     dev = x.device
     with torch.no_grad():
-        outputs, feats = adapter.feature_maps(x, layer, feature)
+        outputs, feats = adapter.feature_maps(x, layer, site)
         tgt = adapter.resolve_target(target, outputs=outputs, batch=B)
-        kind = adapter.default_score(tgt) if score == "auto" else score
+        kind = PROB_OR_SIMILARITY.resolve(score, tgt)
         clean = adapter.score(outputs, tgt, kind).float()  # f(y | X)
 
         all_masks: list[Tensor] = []
@@ -265,7 +277,7 @@ def vitcx(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 
         counts = [m.shape[0] for m in all_masks]
         per_item = 2 if causal_score == "debiased" else 1
         total = sum(counts)
-        n_tokens = adapter.grid_size(x)[0] * adapter.grid_size(x)[1] + adapter.num_prefix_tokens
+        n_tokens = adapter.num_tokens(x)
         # batch_size counts forward-pass inputs; each mask needs ``per_item`` of them
         bs = max(1, resolve_batch_size(batch_size, adapter, n_tokens, total * per_item) // per_item)
         img_of = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
@@ -295,8 +307,8 @@ def vitcx(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 
                 bar.update(sl.stop - sl.start)
 
         sal = torch.stack([pcb_saliency(m, s, pcb) for m, s in zip(all_masks, scores.split(counts))])
-    extras = {"n_masks": counts, "feature": feature, "delta": None if masks == "all" else float(delta),
-              "layer": adapter.default_feature_layer if layer is None else layer, "masks": masks, "causal_score": causal_score, "pcb": pcb, "score": kind}
+    extras = {"n_masks": counts, "site": site, "delta": None if masks == "all" else float(delta), "layer": layer,
+              "masks": masks, "causal_score": causal_score, "pcb": pcb, "score": kind}
     if return_masks:
         extras.update(mask_tensors=[m.cpu() for m in all_masks], mask_scores=[s.cpu() for s in scores.split(counts)],
                       cluster_labels=all_labels)

@@ -2,7 +2,7 @@
 
 A metric is a function registered with :func:`register_metric`::
 
-    @register_metric("insertion", higher_is_better=True)
+    @register_metric("insertion", higher_is_better=True, value_range=...)
     def insertion(model, x, maps, targets=None, *, <protocol kwargs with defaults>,
                   batch_size=None, progress=None) -> MetricResult:
 
@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
 
 import torch
 from torch import Tensor
 
-from ..errors import InputError, UnknownMethodError
+from ..errors import InputError
+from ..registry import METRIC_RUNTIME, Registry, RegistryError, keyword_defaults
 
 #: keyword arguments of every metric that are not part of its protocol
-RUNTIME_KWARGS = ("batch_size", "progress", "precision", "compile")
+RUNTIME_KWARGS = METRIC_RUNTIME
 
 
 @dataclass
@@ -54,39 +57,78 @@ class MetricResult:
         return int(self.values.shape[0])
 
 
+@dataclass(frozen=True)
+class ValueRange:
+    """The range of a metric's per-image values: ``lo``/``hi`` (``None``: unbounded) and whether the values
+    are binary (0/1 hits, so that a proportion's interval applies)."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    binary: bool = False
+
+
+#: the per-image values lie in [0, 1]
+UNIT = ValueRange(0.0, 1.0)
+#: unbounded values
+UNBOUNDED = ValueRange()
+
+#: a pooled (dataset-level) score: per-image ``counts`` (n, k), each image's target (n,) and value (n,) ->
+#: named numbers (e.g. ``{"mIoU": ...}``), as the papers report them
+Pooling = Callable[[np.ndarray, Sequence[int], Sequence[float]], dict]
+
+
 @dataclass
 class MetricInfo:
+    """A registered metric and its declared metadata (see :func:`register_metric`)."""
+
     name: str
     fn: Callable[..., MetricResult]
     higher_is_better: bool
     needs: tuple[str, ...]
     defaults: dict
     description: str = ""
+    value_range: Callable[[dict], ValueRange] = lambda protocol: UNBOUNDED
+    pooled: Optional[Pooling] = None
 
     def __call__(self, *args, **kwargs) -> MetricResult:
         return self.fn(*args, **kwargs)
 
+    @property
+    def per_image(self) -> bool:
+        """Whether the published number is the mean of the per-image values (else it is :attr:`pooled`)."""
+        return self.pooled is None
 
-_REGISTRY: dict[str, MetricInfo] = {}
+    def range_for(self, protocol: Optional[dict] = None) -> ValueRange:
+        """The :class:`ValueRange` of the values under ``protocol`` (defaults filled in)."""
+        return self.value_range({**self.defaults, **(protocol or {})})
+
+
+REGISTRY: Registry[MetricInfo] = Registry("metric", "vitlens.metrics")
 
 
 def register_metric(name: str, *, higher_is_better: bool, needs: tuple[str, ...] = (),
-                    defaults: Optional[dict] = None):
+                    value_range: Union[ValueRange, Callable[[dict], ValueRange]] = UNBOUNDED,
+                    pooled: Optional[Pooling] = None, defaults: Optional[dict] = None):
     """Decorator adding a metric function to the registry under ``name``.
 
-    ``defaults`` (the protocol keyword arguments and their defaults) is read from the signature unless
-    given (for registered variants such as ``perturbation_positive`` that fix an argument)."""
+    Args:
+        higher_is_better: the metric's direction.
+        needs: per-image ground truth the metric takes as keyword arguments (``("boxes",)``).
+        value_range: the range of the per-image values: a :class:`ValueRange`, or a function of the
+            protocol giving one (e.g. insertion AUCs lie in [0, 1] for probabilities, unbounded for logits).
+        pooled: for metrics whose published number is pooled over the dataset (segmentation mIoU,
+            open-vocabulary p-mIoU), the function computing it from the per-image ``extras["counts"]``.
+        defaults: the protocol keyword arguments and their defaults; read from the signature unless
+            given (for registered variants such as ``perturbation_positive`` that fix an argument).
+    """
 
     def deco(fn: Callable[..., MetricResult]) -> Callable[..., MetricResult]:
-        if defaults is None:
-            sig = inspect.signature(fn)
-            d = {k: p.default for k, p in sig.parameters.items()
-                 if p.default is not inspect.Parameter.empty and p.kind == p.KEYWORD_ONLY
-                 and k not in RUNTIME_KWARGS and k not in needs}
-        else:
-            d = dict(defaults)
+        d = dict(defaults) if defaults is not None else keyword_defaults(fn, skip=METRIC_RUNTIME + tuple(needs))
         doc = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        _REGISTRY[name] = MetricInfo(name, fn, higher_is_better, tuple(needs), d, doc)
+        rng = value_range if callable(value_range) else (lambda protocol, _r=value_range: _r)
+        if not isinstance(rng(dict(d)), ValueRange):
+            raise RegistryError(f"metric '{name}': value_range must give a ValueRange.")
+        REGISTRY.add(MetricInfo(name, fn, bool(higher_is_better), tuple(needs), d, doc, rng, pooled))
         return fn
 
     return deco
@@ -94,25 +136,12 @@ def register_metric(name: str, *, higher_is_better: bool, needs: tuple[str, ...]
 
 def get_metric(name: str) -> MetricInfo:
     """The registered metric ``name`` (raises :class:`UnknownMethodError` naming the choices)."""
-    _discover()
-    if name not in _REGISTRY:
-        from ..errors import did_you_mean
-
-        raise UnknownMethodError(f"unknown metric '{name}'.{did_you_mean(name, _REGISTRY)} "
-                                 f"The available metrics: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[name]
+    return REGISTRY.get(name)
 
 
 def available_metrics() -> list[str]:
     """Names of the registered metrics."""
-    _discover()
-    return sorted(_REGISTRY)
-
-
-def _discover() -> None:
-    import importlib
-
-    importlib.import_module("vitlens.metrics")  # importing the package registers every metric
+    return REGISTRY.names()
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -86,7 +86,7 @@ from torch import Tensor
 from ..batching import batch_slices, generator, progress as progress_bar, resolve_batch_size
 from ..errors import InputError
 from ..precision import perturbed_forward, runtime
-from .base import MetricResult, check_maps, pixel_stats, register_metric, trapezoid
+from .base import UNBOUNDED, UNIT, MetricResult, ValueRange, check_maps, pixel_stats, register_metric, trapezoid
 
 SUBSTRATES = ("blur", "black", "mean", "random", "zero")
 PROTOCOLS = {
@@ -299,7 +299,12 @@ def _run(mode: str, model, x: Tensor, maps, targets, *, protocol: str, substrate
     return MetricResult(values=values, curves=curves, xs=xs.float(), protocol=full)
 
 
-@register_metric("insertion", higher_is_better=True)
+def _auc_range(protocol: dict) -> ValueRange:
+    """AUCs of softmax probabilities over x in [0, 1] lie in [0, 1]; of logits they are unbounded."""
+    return UNIT if protocol.get("score", "prob") == "prob" else UNBOUNDED
+
+
+@register_metric("insertion", higher_is_better=True, value_range=_auc_range)
 def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", substrate: Optional[str] = None,
               n_steps: int = 224, score: str = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
               seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,
@@ -318,7 +323,7 @@ def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", 
                 progress=progress, precision=precision, compile=compile, raw_maps=raw_maps)
 
 
-@register_metric("deletion", higher_is_better=False)
+@register_metric("deletion", higher_is_better=False, value_range=_auc_range)
 def deletion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", substrate: Optional[str] = None,
              n_steps: int = 224, score: str = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
              seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
-from .base import MetricResult, check_maps, register_metric
+from .base import UNIT, MetricResult, check_maps, register_metric
 
 
 def cell_masks(size: tuple[int, int], grid: tuple[int, int] = (2, 2)) -> Tensor:
@@ -86,7 +86,7 @@ def make_grids(model, x: Tensor, labels: Sequence[int], *, min_confidence: float
     return mosaic, labels[src], src
 
 
-@register_metric("grid_pointing_game", higher_is_better=True, needs=("cells",))
+@register_metric("grid_pointing_game", higher_is_better=True, needs=("cells",), value_range=UNIT)
 def grid_pointing_game(model, x: Optional[Tensor], maps, targets=None, *, cells: Tensor,
                        grid: tuple[int, int] = (2, 2), batch_size: Optional[int] = None,
                        progress: Optional[bool] = None) -> MetricResult:

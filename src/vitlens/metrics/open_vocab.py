@@ -22,10 +22,16 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..explanation import minmax
-from .base import MetricResult, check_maps, register_metric
+from .base import UNIT, MetricResult, check_maps, register_metric
 
 
-@register_metric("open_vocab", higher_is_better=True, needs=("points", "point_labels"))
+def _pooled(counts, targets, values) -> dict:
+    """p-mIoU (LeGrad's OpenImages V7 number) from the stored per-pair counts and their classes."""
+    return {"p-mIoU": open_vocab_scores_from_counts(counts, targets)["p_miou"]}
+
+
+@register_metric("open_vocab", higher_is_better=True, needs=("points", "point_labels"), value_range=UNIT,
+                 pooled=lambda counts, targets, values: _pooled(counts, targets, values))
 def open_vocab(model, x: Optional[Tensor], maps, targets=None, *, points: Tensor, point_labels: Tensor,
                threshold: float = 0.5, batch_size: Optional[int] = None,
                progress: Optional[bool] = None) -> MetricResult:

@@ -34,7 +34,7 @@ from torch import Tensor
 from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
 from ..errors import InputError
 from ..precision import perturbed_forward, runtime
-from .base import MetricResult, check_maps, pixel_stats, register_metric, trapezoid
+from .base import MetricResult, ValueRange, check_maps, pixel_stats, register_metric, trapezoid
 from .causal import saliency_rank
 
 STEPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -109,7 +109,13 @@ def _as_indices(labels) -> list[int]:
     return t.tolist()
 
 
-@register_metric("perturbation_positive", higher_is_better=False, needs=("labels",))
+def _steps_range(protocol: dict) -> ValueRange:
+    """AUCs of top-1 correctness (0/1) over x in [min step, max step]: [0, max - min]."""
+    steps = [float(v) for v in protocol.get("steps") or STEPS]
+    return ValueRange(0.0, max(steps) - min(steps))
+
+
+@register_metric("perturbation_positive", higher_is_better=False, needs=("labels",), value_range=_steps_range)
 def perturbation_positive(model, x: Tensor, maps, targets=None, *, labels=None, steps: tuple = STEPS,
                           batch_size: Optional[int] = None, progress: Optional[bool] = None,
                           precision=None, compile: Optional[bool] = None) -> MetricResult:
@@ -118,7 +124,7 @@ def perturbation_positive(model, x: Tensor, maps, targets=None, *, labels=None, 
                         batch_size=batch_size, progress=progress, precision=precision, compile=compile)
 
 
-@register_metric("perturbation_negative", higher_is_better=True, needs=("labels",))
+@register_metric("perturbation_negative", higher_is_better=True, needs=("labels",), value_range=_steps_range)
 def perturbation_negative(model, x: Tensor, maps, targets=None, *, labels=None, steps: tuple = STEPS,
                           batch_size: Optional[int] = None, progress: Optional[bool] = None,
                           precision=None, compile: Optional[bool] = None) -> MetricResult:

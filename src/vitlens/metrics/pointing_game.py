@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
-from .base import MetricResult, check_maps, register_metric
+from .base import MetricResult, ValueRange, check_maps, register_metric
 
 
 def _dilate(mask: Tensor, radius: float) -> Tensor:
@@ -124,7 +124,12 @@ def pointing_tis_code(maps: Tensor, box_coords, *, max_box_fraction: Optional[fl
     return torch.where(cover < max_box_fraction, hit, torch.full_like(hit, float("nan")))
 
 
-@register_metric("pointing_game", higher_is_better=True, needs=("boxes",))
+def _hit_range(protocol: dict) -> ValueRange:
+    """Hits are 0/1; the energy variant is a share in [0, 1]."""
+    return ValueRange(0.0, 1.0, binary=protocol.get("variant", "hit") == "hit")
+
+
+@register_metric("pointing_game", higher_is_better=True, needs=("boxes",), value_range=_hit_range)
 def pointing_game(model, x: Tensor, maps, targets=None, *, boxes: Tensor, tolerance: float = 0.0,
                   max_box_fraction: Optional[float] = 0.5, variant: str = "hit",
                   coverage: Optional[Tensor] = None, batch_size: Optional[int] = None,

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..explanation import minmax
-from .base import MetricResult, check_maps, register_metric
+from .base import UNIT, MetricResult, check_maps, register_metric
 
 
 def average_precision(scores: Tensor, truth: Tensor, valid: Optional[Tensor] = None) -> Tensor:
@@ -66,7 +66,14 @@ def average_precision(scores: Tensor, truth: Tensor, valid: Optional[Tensor] = N
     return torch.where(pos > 0, ap, torch.zeros_like(ap))
 
 
-@register_metric("segmentation", higher_is_better=True, needs=("masks",))
+def _pooled(counts, targets, values) -> dict:
+    """The dataset numbers of ``imagenet_seg_eval.py`` from the stored per-image counts and APs."""
+    s = segmentation_scores_from_counts(counts, values)
+    return {"pixel acc": s["pixel_accuracy"], "mIoU": s["miou"], "mAP": s["map"]}
+
+
+@register_metric("segmentation", higher_is_better=True, needs=("masks",), value_range=UNIT,
+                 pooled=lambda counts, targets, values: _pooled(counts, targets, values))
 def segmentation(model, x: Optional[Tensor], maps, targets=None, *, masks: Tensor,
                  threshold: Union[str, float] = 0.5, batch_size: Optional[int] = None,
                  progress: Optional[bool] = None) -> MetricResult:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..batching import batch_slices, generator, progress as progress_bar
 from ..errors import InputError
-from .base import MetricResult, check_maps, register_metric
+from .base import MetricResult, ValueRange, check_maps, register_metric
 
 
 def _make_explainer(adapter, explainer, method, method_params, tgt, seed) -> Callable[[Tensor, object], Tensor]:
@@ -90,7 +90,7 @@ def _tis_code(adapter, x: Tensor, tgt, raw_maps, method, method_params, radius, 
     return (diffs / norm[:, None]).max(1).values
 
 
-@register_metric("max_sensitivity", higher_is_better=False)
+@register_metric("max_sensitivity", higher_is_better=False, value_range=ValueRange(0.0, None))
 def max_sensitivity(model, x: Tensor, maps, targets=None, *, explainer: Optional[Callable] = None,
                     method: Optional[str] = None, method_params: Optional[dict] = None, radius: float = 0.02,
                     n_samples: int = 10, seed: Optional[int] = 0, batch_size: Optional[int] = None,

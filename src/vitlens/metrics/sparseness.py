@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .base import MetricResult, check_maps, register_metric
+from .base import UNIT, MetricResult, check_maps, register_metric
 
 
 def gini(maps: Tensor) -> Tensor:
@@ -52,7 +52,7 @@ def gini_tis(maps: Tensor) -> Tensor:
     return (((2 * k - n - 1) * a).sum(1) / (n * a.sum(1))).float()
 
 
-@register_metric("sparseness", higher_is_better=True)
+@register_metric("sparseness", higher_is_better=True, value_range=UNIT)
 def sparseness(model, x: Tensor, maps, targets=None, *, batch_size: Optional[int] = None,
                progress: Optional[bool] = None, protocol: str = "default", raw_maps=None) -> MetricResult:
     """Gini-index sparseness of each map (see the module docstring); ``model``/``targets`` unused."""

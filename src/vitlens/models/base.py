@@ -5,20 +5,26 @@ Methods never touch timm / torchvision / transformers / open_clip internals: the
 attention probabilities (via hooks on the canonical block of :mod:`vitlens.models.blocks`), a run of
 the encoder on a subset of patch tokens, and the target score. A new model family is one subclass
 that fills in :meth:`embed`, :meth:`head`, :attr:`blocks` and the metadata.
+
+Target resolution and scores live in :mod:`.target_resolution`, the compiled forward paths in
+:mod:`.compiled` (both mixins of :class:`ViTAdapter`); what an adapter provides is named by
+:class:`~vitlens.models.capabilities.Capability` (:meth:`ViTAdapter.provides`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import check_images
-from ..errors import InputError, TargetError, UnsupportedModelError
-from .blocks import BlockSpec, Hook, run_block
-from .targets import SCORE_KINDS, Target, TargetLike, check_target_like
+from ..errors import InputError, UnsupportedModelError
+from .blocks import FEATURE_SITES, BlockSpec, Hook, run_block
+from .capabilities import Capability, describe_need
+from .compiled import CompiledPaths
+from .layers import LayersLike, take_indices, take_one
+from .target_resolution import TargetResolution
 
 
 @dataclass
@@ -36,7 +42,7 @@ class Trace:
     attn: list[Tensor] = field(default_factory=list)
 
 
-class ViTAdapter:
+class ViTAdapter(CompiledPaths, TargetResolution):
     """Uniform view of a Vision Transformer.
 
     Attributes filled in by subclasses:
@@ -103,10 +109,6 @@ class ViTAdapter:
             return p.dtype
         return torch.float32
 
-    @property
-    def num_classes(self) -> Optional[int]:
-        return None if self.class_names is None else len(self.class_names)
-
     def grid_size(self, x_or_size: Tensor | Sequence[int] | None = None) -> tuple[int, int]:
         """Patch grid (gh, gw) for an input batch or an (H, W) size (default: the model's input size)."""
         if x_or_size is None:
@@ -117,10 +119,43 @@ class ViTAdapter:
             h, w = x_or_size
         return int(h) // self.patch_size[0], int(w) // self.patch_size[1]
 
+    def num_tokens(self, x_or_size: Tensor | Sequence[int] | None = None) -> int:
+        """Tokens per image entering the blocks: prefix tokens + patch grid cells."""
+        gh, gw = self.grid_size(x_or_size)
+        return self.num_prefix_tokens + gh * gw
+
+    def provides(self, cap: Capability | str) -> bool:
+        """Whether this model has capability ``cap`` (see :mod:`vitlens.models.capabilities`)."""
+        cap = Capability(cap)
+        if cap is Capability.BLOCKS or cap is Capability.TOKEN_SUBSETS or cap is Capability.FEATURE_MAPS:
+            return bool(self.blocks)
+        if cap is Capability.CLS:
+            return self.cls_index is not None
+        if cap is Capability.TEXT:
+            return bool(self.supports_text)
+        if cap is Capability.PATCH_EMBEDDING:
+            return type(self).embed_parts is not ViTAdapter.embed_parts
+        raise AssertionError(cap)  # every Capability is answered above
+
     def require(self, what: str, ok: bool, method: str) -> None:
         """Raise a clear :class:`UnsupportedModelError` when a method needs what this model lacks."""
         if not ok:
             raise UnsupportedModelError(f"method '{method}' needs {what}, which {self.describe()} does not have.")
+
+    def require_all(self, needs: Sequence[Capability | str], method: str) -> None:
+        """:meth:`require` for each declared capability (the first missing one is named)."""
+        for cap in needs:
+            self.require(describe_need(Capability(cap)), self.provides(cap), method)
+
+    def select_layers(self, layers: LayersLike, method: str = "", name: str = "layers") -> list[int]:
+        """Block indices selected by ``layers`` (:mod:`vitlens.models.layers`: None = all, n = the last n,
+        a float f = the last ceil(f * L), a list = those blocks)."""
+        return take_indices(layers, self.num_blocks, method=method, name=name)
+
+    def select_layer(self, layers: LayersLike, method: str = "", name: str = "layers") -> int:
+        """The one block a single-block method reads: :attr:`default_feature_layer` for ``None``, else the
+        single block ``layers`` selects."""
+        return take_one(layers, self.num_blocks, self.default_feature_layer, method=method, name=name)
 
     def describe(self) -> str:
         pre = ", ".join(self.prefix_names) or "no prefix tokens"
@@ -243,166 +278,9 @@ class ViTAdapter:
         """Model outputs for embedded token sequences: all blocks, then :meth:`head` (no hooks)."""
         return self.head(self.run_blocks(tokens))
 
-    # ------------------------------------------------------------------ compiled forward paths
-    #: paths :meth:`compiled_path` can compile: the batched image forward and the token-sequence encoder
-    COMPILE_PATHS = ("forward", "encode")
-    #: keyword arguments of ``torch.compile`` (static shapes: each batch is padded to one size)
-    COMPILE_OPTIONS: dict = {"dynamic": False}
-
-    @property
-    def _compile_batch(self) -> dict:
-        """Static batch size of each compiled path (set by the first call, see :mod:`vitlens.precision`)."""
-        d = self.__dict__.get("_compile_batch_sizes")
-        if d is None:
-            d = self.__dict__["_compile_batch_sizes"] = {}
-        return d
-
-    def compiled_path(self, path: str) -> Optional[Callable[[Tensor], Tensor]]:
-        """``torch.compile(dynamic=False)`` of :meth:`forward` (``"forward"``) or :meth:`encode_tokens`
-        (``"encode"``), created once per adapter and path; ``None`` (after one warning) when compilation
-        is unavailable or has failed for this adapter."""
-        if path not in self.COMPILE_PATHS:
-            raise InputError(f"unknown compile path '{path}'; choose one of {', '.join(self.COMPILE_PATHS)}.")
-        if self.__dict__.get("_compile_failed"):
-            return None
-        cache = self.__dict__.setdefault("_compiled", {})
-        if path not in cache:
-            fn = (lambda x: self.forward(x)) if path == "forward" else self.encode_tokens
-            try:
-                cache[path] = torch.compile(fn, **self.COMPILE_OPTIONS)
-            except Exception as e:  # e.g. no compiler backend on this platform
-                self.disable_compile(f"{type(e).__name__}: {e}")
-                return None
-        return cache[path]
-
-    def disable_compile(self, reason: str) -> None:
-        """Stop using compiled paths on this adapter (warns once with ``reason``)."""
-        import warnings
-
-        if not self.__dict__.get("_compile_failed"):
-            warnings.warn(f"torch.compile failed for {self.name} ({reason}); running the eager model instead.",
-                          RuntimeWarning, stacklevel=3)
-        self.__dict__["_compile_failed"] = True
-        self.__dict__.pop("_compiled", None)
-
-    # ------------------------------------------------------------------ targets and scores
-    def class_logits(self, outputs: Tensor) -> Tensor:
-        """(B, C) class logits from the model outputs (identity for classifiers)."""
-        return outputs
-
-    def encode_text(self, prompts: Sequence[str]) -> Tensor:
-        """L2-normalised text embeddings (len(prompts), E) for CLIP-style models."""
-        raise TargetError(f"{self.describe()} is not a CLIP-style model: text prompts cannot be targets.")
-
-    def _class_index(self, name: str) -> Optional[int]:
-        if self.class_names is None:
-            return None
-        key = name.strip().lower()
-        for i, cname in enumerate(self.class_names):
-            low = cname.lower()
-            if key == low or key in [s.strip() for s in low.split(",")]:
-                return i
-        return None
-
-    def _class_suggestions(self, name: str) -> str:
-        from ..errors import did_you_mean
-
-        if not self.class_names:
-            return ""
-        short = {}  # every comma-separated synonym ("tench", "Tinca tinca") -> its full class name
-        for c in self.class_names:
-            for s in c.split(","):
-                short.setdefault(s.strip().lower(), s.strip())
-        return did_you_mean(name.strip().lower(), short).replace("?", "? (class names: model.class_names)")
-
-    def resolve_target(self, target: TargetLike, x: Optional[Tensor] = None,
-                       outputs: Optional[Tensor] = None, batch: Optional[int] = None) -> Target:
-        """Turn the user's ``target`` into a :class:`Target` for a batch.
-
-        ``None`` means the predicted class, read from ``outputs`` (computed from ``x`` if not given).
-        Ints must lie in ``[0, num_classes)``; strings are class names or, for CLIP-style models,
-        text prompts. A single target is broadcast to the whole batch.
-        """
-        if isinstance(target, Target):
-            return target
-        target = check_target_like(target)  # one-line errors for floats, bools, float tensors...
-        if batch is None:
-            batch = outputs.shape[0] if outputs is not None else (x.shape[0] if x is not None else 1)
-        dev = self.device
-        if target is None:
-            if outputs is None:
-                if x is None:
-                    raise TargetError("target=None needs the images to find the predicted class.")
-                with torch.no_grad():
-                    outputs = self.forward(x)
-            if self.num_classes is None:
-                raise TargetError(f"target=None needs a class vocabulary, which {self.describe()} lacks; "
-                                  "give a class index or a text prompt as target.")
-            idx = self.class_logits(outputs.detach()).argmax(-1).to(dev)
-            return Target(idx, [self.class_names[i] for i in idx.tolist()])
-        if isinstance(target, Tensor):
-            target = target.reshape(-1).tolist()
-        items = [target] if isinstance(target, (int, str)) else list(target)
-        if len(items) == 1 and batch > 1:
-            items = items * batch
-        if len(items) != batch:
-            raise TargetError(f"got {len(items)} targets for {batch} images; give one target, or one per image.")
-        index, labels, prompts, is_text = [], [], [], []
-        for it in items:
-            if isinstance(it, bool) or not isinstance(it, (int, str)) and not hasattr(it, "__index__"):
-                raise TargetError(f"target {it!r} is neither a class index, a class name nor a prompt.")
-            if isinstance(it, str):
-                ci = self._class_index(it)
-                if ci is not None:
-                    index.append(ci); labels.append(self.class_names[ci]); is_text.append(False); prompts.append(None)
-                elif self.supports_text:
-                    index.append(-1); labels.append(it); is_text.append(True); prompts.append(it)
-                else:
-                    raise TargetError(f"'{it}' is not a class name of {self.describe()}"
-                                      " (and it is not a CLIP-style model, so text prompts are not accepted)."
-                                      + self._class_suggestions(it))
-            else:
-                i = int(it)
-                n = self.num_classes
-                if n is None:
-                    raise TargetError(f"class index {i} given but {self.describe()} has no class vocabulary; use a text prompt.")
-                if not 0 <= i < n:
-                    raise TargetError(f"target class {i} is out of range: the model has {n} classes (0..{n - 1}).")
-                index.append(i); labels.append(self.class_names[i]); is_text.append(False); prompts.append(None)
-        text = None
-        if any(is_text):
-            uniq = sorted({p for p in prompts if p is not None})
-            emb = self.encode_text(uniq)
-            text = torch.zeros(len(items), emb.shape[-1], device=dev, dtype=emb.dtype)
-            for j, p in enumerate(prompts):
-                if p is not None:
-                    text[j] = emb[uniq.index(p)]
-        return Target(torch.tensor(index, dtype=torch.long, device=dev), labels, text,
-                      torch.tensor(is_text, dtype=torch.bool, device=dev))
-
-    def score(self, outputs: Tensor, target: Target, kind: str = "auto") -> Tensor:
-        """The explained quantity for each row of ``outputs`` (B,): see :mod:`vitlens.models.targets`."""
-        if kind not in SCORE_KINDS:
-            raise InputError(f"unknown score kind '{kind}'; choose one of {', '.join(SCORE_KINDS)}.")
-        if len(target) != outputs.shape[0]:
-            raise InputError(f"{outputs.shape[0]} outputs but {len(target)} targets.")
-        if target.any_text:
-            raise TargetError(f"{self.describe()} cannot score text prompts.")
-        if kind == "similarity":
-            raise TargetError("score='similarity' is only defined for text prompts of CLIP-style models.")
-        logits = self.class_logits(outputs)
-        idx = target.index.to(logits.device)[:, None]
-        if kind == "logit":
-            return logits.gather(1, idx)[:, 0]
-        return logits.float().softmax(-1).gather(1, idx)[:, 0].to(logits.dtype)
-
-    def default_score(self, target: Target) -> str:
-        """The score kind ``"auto"`` resolves to for these targets."""
-        return "similarity" if target.any_text else "prob"
-
     # ------------------------------------------------------------------ feature maps (added for ViT-CX)
     #: Hook sites whose value is one vector per token and may serve as a feature map.
-    FEATURE_SITES = ("input", "norm1", "context", "attn_branch", "mid", "norm2", "mlp_branch", "output")
+    FEATURE_SITES = FEATURE_SITES
     #: Hierarchical models (Swin) set this; methods may pick other defaults for them.
     hierarchical: bool = False
 

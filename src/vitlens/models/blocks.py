@@ -27,15 +27,21 @@ residual; ``norm2``; ``mlp_branch``; ``output`` the block output.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Callable, Literal, Mapping, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Hook = Callable[[int, Tensor], Optional[Tensor]]
-SITES = ("input", "norm1", "q", "k", "v", "attn", "context", "attn_branch", "mid", "norm2",
-         "mlp_branch", "output")
+#: every hook site of the canonical block, in the order the block reaches them
+Site = Literal["input", "norm1", "q", "k", "v", "attn", "context", "attn_branch", "mid", "norm2", "mlp_branch",
+               "output"]
+SITES: tuple[str, ...] = get_args(Site)
+#: the sites whose value is one vector per token of the residual width, (B, T, D): the ``site=`` choices
+#: of the methods that read token activations or feature maps (Grad-CAM, Score-CAM, ViT-CX)
+FeatureSite = Literal["input", "norm1", "context", "attn_branch", "mid", "norm2", "mlp_branch", "output"]
+FEATURE_SITES: tuple[str, ...] = get_args(FeatureSite)
 
 
 def _identity(x: Tensor) -> Tensor:

@@ -9,13 +9,11 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import TargetError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from .base import ViTAdapter
 from .clip_common import CLIPTextMixin, open_clip_tokenizer, open_clip_visual
-from .targets import Target
 from .torchvision_vit import _mha_block_spec
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

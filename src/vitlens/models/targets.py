@@ -11,19 +11,52 @@ Score kinds (``score=`` in the methods):
 * ``"logit"`` the pre-softmax class logit (for CLIP: ``logit_scale * cosine``);
 * ``"similarity"`` cosine similarity between the image embedding and the prompt's text embedding
   (CLIP-style models only);
-* ``"auto"`` ``prob`` for classes, ``similarity`` for free-text prompts (a softmax over a single prompt
-  is meaningless).
+* ``"auto"``: what the method (or metric) declares at registration, an :class:`AutoScore`: one kind for
+  class targets and one for free-text prompts. Three rules exist: :data:`PROB_OR_SIMILARITY` (the
+  perturbation methods and the metrics: a softmax over a single prompt is meaningless, so prompts use
+  the similarity), :data:`LOGIT` (the gradient methods of the attention family: the papers differentiate
+  the pre-softmax score, ``logit_scale * cosine`` for prompts) and :data:`LOGIT_OR_SIMILARITY` (LeGrad:
+  the paper's logit for classes, the released code's cosine similarity for prompts).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 TargetLike = Union[None, int, str, Sequence[Union[int, str]], Tensor]
 SCORE_KINDS = ("auto", "prob", "logit", "similarity")
+#: the ``score=`` parameter type of methods and metrics (the parameter converter reads the choices)
+ScoreKind = Literal["auto", "prob", "logit", "similarity"]
+
+
+@dataclass(frozen=True)
+class AutoScore:
+    """What ``score="auto"`` resolves to: ``classes`` for class targets, ``prompts`` for free-text prompts."""
+
+    classes: str
+    prompts: str
+
+    def resolve(self, score: str, target: Optional["Target"] = None) -> str:
+        """``score`` itself unless it is ``"auto"``; then the kind for ``target`` (prompts if any row is one).
+
+        Example::
+
+            >>> LOGIT_OR_SIMILARITY.resolve("auto", target)   # "similarity" for a prompt, "logit" for a class
+        """
+        if score != "auto":
+            return score
+        return self.prompts if target is not None and target.any_text else self.classes
+
+
+#: perturbation methods and the metrics: softmax probability, cosine similarity for prompts
+PROB_OR_SIMILARITY = AutoScore("prob", "similarity")
+#: gradient methods of the attention family: the pre-softmax score (``logit_scale * cosine`` for prompts)
+LOGIT = AutoScore("logit", "logit")
+#: LeGrad: the logit for classes (paper), the cosine similarity for prompts (released code)
+LOGIT_OR_SIMILARITY = AutoScore("logit", "similarity")
 
 
 @dataclass
@@ -80,6 +113,20 @@ class Target:
             text=None if self.text is None else self.text[t.to(self.text.device)],
             is_text=self.is_text[t],
         )
+
+    @staticmethod
+    def cat(parts: Sequence["Target"]) -> "Target":
+        """The targets of several batches, in order (one part is returned as it is)."""
+        parts = list(parts)
+        if len(parts) == 1:
+            return parts[0]
+        texts = [p.text for p in parts]
+        if any(t is None for t in texts) and not all(t is None for t in texts):  # pad class-only parts
+            dim, ref = next((t.shape[-1], t) for t in texts if t is not None)
+            texts = [t if t is not None else ref.new_zeros(len(p), dim) for t, p in zip(texts, parts)]
+        text = None if all(t is None for t in texts) else torch.cat(texts, 0)
+        return Target(torch.cat([p.index for p in parts]), [lab for p in parts for lab in p.labels], text,
+                      torch.cat([p.is_text for p in parts]))
 
     def to(self, device: Union[str, torch.device]) -> "Target":
         return Target(self.index.to(device), list(self.labels),

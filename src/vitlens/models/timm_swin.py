@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, UnsupportedModelError
 from .base import Trace, ViTAdapter
 from .blocks import Hook
+from .capabilities import Capability
+from .layers import take_one
 from .timm_vit import TimmViTAdapter, _timm_class_names
 
 LayerSpec = Union[int, Sequence[int], None]
@@ -141,6 +142,20 @@ class TimmSwinAdapter(ViTAdapter):
         if not -n <= layer < n:
             raise InputError(f"layer {layer} is out of range for {self.describe()} (0..{n - 1} or negative).")
         return layer % n
+
+    def provides(self, cap) -> bool:
+        """Swin gives feature maps of any block (:meth:`feature_maps`) but none of the other capabilities."""
+        cap = Capability(cap)
+        return cap is Capability.FEATURE_MAPS or (cap is not Capability.TOKEN_SUBSETS and super().provides(cap))
+
+    def select_layer(self, layers, method: str = "", name: str = "layers") -> int:
+        """The one Swin block ``layers`` selects (:mod:`vitlens.models.layers` over the Swin blocks in
+        execution order, or ``[(stage, block)]``); ``None``: :attr:`default_feature_layer`."""
+        if layers is None:
+            return self.default_feature_layer
+        if isinstance(layers, (list, tuple)) and len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            return self.resolve_layer(layers[0])
+        return take_one(layers, self.num_swin_blocks, self.default_feature_layer, method=method, name=name)
 
     @property
     def default_feature_layer(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VITLENS_SHARED", REPO.parent / "shared"))
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"

@@ -20,6 +20,7 @@ import torch
 
 def _load_model():
     import vitlens
+
     from _shared import MODEL, SHARED
 
     if (SHARED / "models").is_dir():

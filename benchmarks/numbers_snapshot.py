@@ -36,9 +36,19 @@ METRIC_METHODS = ("legrad", "rollout", "tis")
 def snapshot() -> dict[str, np.ndarray]:
     import vitlens
     from vitlens.data.samples import sample_images
-    from vitlens.metrics import (deletion, grid_pointing_game, insertion, max_sensitivity, open_vocab,
-                                 perturbation_negative, perturbation_positive, pointing_game, segmentation,
-                                 sparseness)
+    from vitlens.metrics import (
+        deletion,
+        grid_pointing_game,
+        insertion,
+        max_sensitivity,
+        open_vocab,
+        perturbation_negative,
+        perturbation_positive,
+        pointing_game,
+        segmentation,
+        sparseness,
+    )
+
     from _shared import shared_model
 
     torch.set_num_threads(int(os.environ.get("SNAPSHOT_THREADS", "2")))

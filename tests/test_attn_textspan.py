@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attention_methods import CLASSES, PROMPTS, close, grid, make, ours, x_batch
 
 import vitlens
 from vitlens.errors import InputError, UnsupportedModelError
-
-from test_attention_methods import CLASSES, PROMPTS, close, grid, make, ours, x_batch
 
 
 def _block_parts(name, a, l):

@@ -12,11 +12,7 @@ from vitlens.errors import InputError, TargetError, UnsupportedModelError
 from vitlens.models.layers import take_indices as select_layers
 
 from conftest import IMG, TINY_FACTORIES, tiny_timm
-
-
-def tiny_siglip_like():
-    """A timm ViT with SigLIP's attentional pooler (global_pool='map') and no class token."""
-    return tiny_timm("vit", class_token=False, global_pool="map")
+from tiny_models import tiny_siglip_like
 
 
 def _library_head(name, module, z):

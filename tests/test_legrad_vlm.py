@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import vitlens
 
-from conftest import VLM_FACTORIES, TINY_FACTORIES, toy_tokenizer, wrap_tiny
+from conftest import TINY_FACTORIES, VLM_FACTORIES, toy_tokenizer, wrap_tiny
 
 PROMPTS = ["a photo of a dog", "a red car"]
 

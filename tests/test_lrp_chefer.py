@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_lrp_attnlrp import _ln_fwd, _model_params
 
 import vitlens
 from vitlens.errors import InputError, UnsupportedModelError
@@ -16,7 +17,6 @@ from vitlens.methods._lrp_chefer import chefer_propagate
 from vitlens.methods._lrp_rules import add_rule, matmul_rule, zplus_linear
 
 from conftest import TINY_FACTORIES, close_to_scale, tiny_timm, tiny_torchvision
-from test_lrp_attnlrp import _ln_fwd, _model_params
 
 # ---------------------------------------------------------------------------- rule conservation
 

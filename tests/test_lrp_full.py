@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_lrp_attnlrp import _model_params
+from test_lrp_chefer import _norm_ref, _setup, slow_chefer
 
 import vitlens
 from vitlens.errors import InputError, UnsupportedModelError
 from vitlens.methods import get_method
 from vitlens.methods.lrp import zb_conv_relevance
-
-from test_lrp_attnlrp import _model_params
-from test_lrp_chefer import _norm_ref, _setup, slow_chefer
 
 
 def _zb_ref(x, W, R, patch):

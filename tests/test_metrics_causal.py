@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import vitlens
 from vitlens.errors import InputError
-from vitlens.metrics import deletion, insertion, perturbation, get_metric
+from vitlens.metrics import deletion, get_metric, insertion, perturbation
 from vitlens.metrics.causal import rise_kernel_1d
 
 from conftest import IMG, TINY_FACTORIES

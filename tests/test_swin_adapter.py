@@ -10,15 +10,7 @@ from vitlens.errors import InputError, UnsupportedModelError
 from vitlens.models.timm_swin import TimmSwinAdapter
 
 from conftest import IMG, close_to_scale
-
-
-def tiny_swin():
-    """A 4-stage Swin on 64x64 inputs: grids 16, 8, 4, 2; stage dims 24, 48, 96, 192."""
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=IMG, window_size=4,
-                             embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), num_classes=10).eval()
+from tiny_models import tiny_swin
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 library's own modules for the forward passes on token subsets."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -10,11 +10,10 @@ import torch.nn.functional as F
 
 import vitlens
 from vitlens.errors import InputError, TargetError
-from vitlens.methods.vitcx import (agglomerative_labels, mask_cosine_distances, normalised_grid_masks,
-                                   upsample_maps)
+from vitlens.methods.vitcx import agglomerative_labels, mask_cosine_distances, normalised_grid_masks, upsample_maps
 
 from conftest import IMG, close_to_scale, tiny_open_clip, tiny_timm, tiny_torchvision
-from test_swin_adapter import tiny_swin
+from tiny_models import tiny_swin
 
 PROMPT = "a photo of a cat"
 

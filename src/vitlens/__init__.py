@@ -8,8 +8,7 @@
 from __future__ import annotations
 
 from .api import explain, methods
-from .errors import (InputError, TargetError, UnknownMethodError, UnsupportedModelError, VitlensError,
-                     WeightsError)
+from .errors import InputError, TargetError, UnknownMethodError, UnsupportedModelError, VitlensError, WeightsError
 from .explanation import Explanation
 from .models import DEFAULT_MODEL, Target, ViTAdapter, load_model, wrap_model
 

@@ -15,7 +15,8 @@ from typing import Literal, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..errors import InputError
 from ..models.base import ViTAdapter
 from ..models.capabilities import Capability

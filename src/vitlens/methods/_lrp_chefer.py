@@ -9,10 +9,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
 from ..models.base import ViTAdapter
 from ..models.blocks import BlockSpec
 from ..models.targets import Target
-from ..errors import UnsupportedModelError
 from ._lrp_rules import add_rule, layer_norm_const, matmul_rule, relevance_score, safe_div, zplus_linear
 
 

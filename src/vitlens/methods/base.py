@@ -121,9 +121,14 @@ def register(name: str, *, kind: MethodKind | str, token_level: bool, descriptio
             raise RegistryError(f"method '{name}' must accept the runtime arguments {', '.join(missing)}.")
         try:
             k = MethodKind(kind)
+        except ValueError:
+            raise RegistryError(f"method '{name}': kind {kind!r} is not one of "
+                                f"{', '.join(m.value for m in MethodKind)}.") from None
+        try:
             caps = tuple(Capability(c) for c in needs)
-        except ValueError as e:
-            raise RegistryError(f"method '{name}': {e}") from None
+        except ValueError:
+            raise RegistryError(f"method '{name}': needs {needs!r} names no capability (one of "
+                                f"{', '.join(c.value for c in Capability)}).") from None
         has_score = "score" in sig.parameters
         if has_score != (auto_score is not None):
             raise RegistryError(f"method '{name}': declare auto_score exactly when the method has a 'score' "

@@ -40,7 +40,8 @@ AUTHORS_LAYERS = 0.75
 def head_weights(a: Tensor, g: Tensor) -> Tensor:
     """BT-H: I_h = mean |A_hᵀ G_h|, normalised over heads. a, g: (B, H, T, T) -> (B, H)."""
     ih = torch.matmul(a.transpose(-1, -2), g).abs().mean((-1, -2))
-    return ih / ih.sum(-1, keepdim=True)
+    total = ih.sum(-1, keepdim=True)
+    return ih / torch.where(total > 0, total, torch.ones_like(total))  # an all-zero gradient weighs no head
 
 
 def _feedback(adapter, x, cap, last, steps, score, batch_size, progress, method) -> Tensor:
@@ -119,7 +120,8 @@ def bt_token(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int]
             vm = v.transpose(1, 2).reshape(B, T, -1)  # heads merged, as the context is
             h = cap.values[("norm1", l)]
             vproj = spec.ls1(spec.attn_out(vm, h) - spec.attn_out(torch.zeros_like(vm), h)).float()
-            m = vproj.norm(dim=-1) / cap.values[("input", l)].float().norm(dim=-1)  # (B, T)
+            zn = cap.values[("input", l)].float().norm(dim=-1)
+            m = vproj.norm(dim=-1) / torch.where(zn > 0, zn, torch.ones_like(zn))  # (B, T); a zero token: 0
             a = cap.values[("attn", l)].float().mean(1) * m[:, None, :]
             R = R + torch.bmm(a, R)
     W = _feedback(adapter, x, cap, last, steps, score, batch_size, progress, "bt_token")

@@ -25,12 +25,20 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..errors import InputError
 from ..models.base import ViTAdapter
 from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
-from ._perturbation_utils import (BaselineLike, Reduce, baseline_image, captum_forward, captum_target_args,
-                                  clean_pass, reduce_channels)
+from ._perturbation_utils import (
+    BaselineLike,
+    Reduce,
+    baseline_image,
+    captum_forward,
+    captum_target_args,
+    clean_pass,
+    reduce_channels,
+)
 from .base import MethodKind, MethodResult, register
 
 #: Captum's quadrature rules

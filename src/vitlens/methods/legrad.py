@@ -64,7 +64,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..errors import InputError, TargetError
 from ..explanation import minmax
 from ..models.base import ViTAdapter

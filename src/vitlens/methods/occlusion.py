@@ -25,11 +25,12 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, pair, row_scores
 from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, pair, row_scores
 from .base import MethodKind, MethodResult, register
 
 

@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..batching import batch_slices, generator, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, generator, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..errors import InputError
 from ..models.base import ViTAdapter
-from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, row_scores
 from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, row_scores
 from .base import MethodKind, MethodResult, register
 
 _GRID_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}

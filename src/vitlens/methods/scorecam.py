@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..models.base import ViTAdapter
 from ..models.blocks import FeatureSite
 from ..models.capabilities import Capability
@@ -37,6 +38,7 @@ from ..models.layers import LayersLike
 from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
 from ._perturbation_utils import BaselineLike, baseline_image, clean_pass, row_scores
 from .base import MethodKind, MethodResult, register
+
 
 def channel_masks(acts: Tensor, size: tuple[int, int]) -> Tensor:
     """(n, gh, gw) activation maps -> (n, H, W) masks: bilinear upsampling, then per-map min-max

@@ -28,7 +28,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from ..batching import batch_slices, generator, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, generator, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..errors import InputError
 from ..models.base import ViTAdapter
 from ..models.targets import PROB_OR_SIMILARITY, ScoreKind

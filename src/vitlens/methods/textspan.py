@@ -121,7 +121,9 @@ def textspan(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int]
         xl = cap.values[("output", L - 1)][:, cls]
         lin_final = head_linear(adapter, xl)
         zero = adapter.head(torch.zeros(1, 1, D, device=x.device, dtype=xl.dtype)).float()
-        sigma = lin_final.norm(dim=-1) / (adapter.head(xl[:, None]).float() - zero).norm(dim=-1)
+        den = (adapter.head(xl[:, None]).float() - zero).norm(dim=-1)
+        sigma = torch.where(den > 0, lin_final.norm(dim=-1) / torch.where(den > 0, den, torch.ones_like(den)),
+                            torch.ones_like(den))  # a head that outputs nothing (zero weights): no rescaling
         contrib = contrib / sigma[:, None, None]
         d, cosine = _direction(adapter, tgt, y)
         emap = (contrib * d[:, None, :]).sum(-1)

@@ -25,13 +25,14 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..errors import InputError
 from ..kmeans import kmeans
 from ..models.base import ViTAdapter
-from ..precision import perturbed_subset
 from ..models.capabilities import Capability
 from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from ..precision import perturbed_subset
 from .base import MethodKind, MethodResult, register
 
 

@@ -63,15 +63,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..batching import batch_slices, generator, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, generator, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..errors import InputError
 from ..models.base import ViTAdapter
-from ..models.targets import Target
-from ..precision import perturbed_forward
 from ..models.blocks import FeatureSite
 from ..models.capabilities import Capability
 from ..models.layers import LayersLike
-from ..models.targets import PROB_OR_SIMILARITY, ScoreKind
+from ..models.targets import PROB_OR_SIMILARITY, ScoreKind, Target
+from ..precision import perturbed_forward
 from .base import MethodKind, MethodResult, register
 
 DELTA_VIT = 0.1

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
-
 import torch
 from torch import Tensor
 

@@ -28,7 +28,8 @@ normalised with the model's mean/std:
   tensor = the normalisation mean colour at the border);
 * ``"black"``: pixel value 0 (not the zero of the normalised tensor);
 * ``"mean"``: the image's own per-channel mean colour;
-* ``"random"``: uniform noise U[0, 1) per pixel and channel, seeded by ``seed``;
+* ``"random"``: uniform noise U[0, 1) per pixel and channel, seeded by ``seed``: one noise image, the same for
+  every image of the batch (so a value never depends on which other images share its batch);
 * ``"zero"``: the zero of the *normalised* tensor (RISE code's ``torch.zeros_like``), i.e. the
   normalisation mean colour in pixel space.
 
@@ -83,7 +84,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..batching import batch_slices, generator, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, generator, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..errors import InputError
 from ..precision import perturbed_forward, runtime
 from .base import UNBOUNDED, UNIT, MetricResult, ValueRange, check_maps, pixel_stats, register_metric, trapezoid
@@ -180,9 +182,9 @@ def make_substrate(adapter, x: Tensor, kind: str, *, seed: Optional[int] = 0, bl
         return ((0.0 - mean) / std).expand_as(x).contiguous()
     if kind == "mean":
         return x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
-    if kind == "random":
-        noise = torch.rand(x.shape, generator=generator(seed), dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-        return (noise - mean) / std
+    if kind == "random":  # one seeded noise image for every image: independent of batch composition
+        noise = torch.rand((1, *x.shape[1:]), generator=generator(seed), dtype=torch.float32)
+        return ((noise.to(device=x.device, dtype=x.dtype) - mean) / std).expand_as(x).contiguous()
     if kind == "zero":
         return torch.zeros_like(x)
     raise InputError(f"unknown substrate '{kind}'; choose one of {', '.join(SUBSTRATES)}.")

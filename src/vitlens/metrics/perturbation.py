@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..batching import batch_slices, progress as progress_bar, resolve_batch_size
+from ..batching import batch_slices, resolve_batch_size
+from ..batching import progress as progress_bar
 from ..errors import InputError
 from ..precision import perturbed_forward, runtime
 from .base import MetricResult, ValueRange, check_maps, pixel_stats, register_metric, trapezoid

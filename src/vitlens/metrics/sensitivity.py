@@ -5,9 +5,10 @@ Explanations", NeurIPS 2019, Def. 3.1), as Captum's ``sensitivity_max`` with the
 
 estimated by Monte Carlo with ``n_samples`` (10) perturbations d ~ U[-r, r]^(3 x H x W) (r = 0.02, in the
 model's normalised input space, as Captum's ``default_perturb_func`` adds noise to the given inputs).
-Noise layout and values equal Captum's on the same seed: one ``uniform_(-r, r)`` draw of shape
-(B * n, 3, H, W) from a CPU generator seeded with ``seed`` (Captum uses the global generator), rows
-ordered image-major (``repeat_interleave``). A zero explanation norm is replaced by 1 (Captum).
+Noise: for each image, one ``uniform_(-r, r)`` draw of shape (n, 3, H, W) from a CPU generator seeded
+with ``seed``: Captum's draw for a batch of one image (how TIS's ``evaluate.py`` calls it, one image at a
+time; Captum uses the global generator), so an image's value never depends on the other images of its
+batch. A zero explanation norm is replaced by 1 (Captum).
 ``Phi(x)`` is the given ``maps``; ``Phi(x + d)`` comes from ``explainer`` on the perturbed batch,
 explaining the same targets. Lower is better.
 
@@ -30,7 +31,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..batching import batch_slices, generator, progress as progress_bar
+from ..batching import batch_slices, generator
+from ..batching import progress as progress_bar
 from ..errors import InputError
 from .base import MetricResult, ValueRange, check_maps, register_metric
 
@@ -53,6 +55,14 @@ def _make_explainer(adapter, explainer, method, method_params, tgt, seed) -> Cal
 FIXED_DRAW_METHODS = frozenset({"rise"})
 
 
+def _noise(x: Tensor, n: int, radius: float, seed: Optional[int]) -> Tensor:
+    """(B * n, 3, H, W) perturbations, image-major: each image's n draws from a generator seeded with ``seed``."""
+    one = (n, *x.shape[1:])
+    draws = [torch.empty(one, dtype=torch.float32).uniform_(-radius, radius, generator=generator(seed))
+             for _ in range(x.shape[0])]  # per image (a handful): the same draws whatever the batch
+    return torch.cat(draws).to(device=x.device, dtype=x.dtype)
+
+
 def _raw_native(exp) -> Tensor:
     """The raw native-resolution maps of an ``explain(normalise=False)`` result."""
     return (exp.token_maps if exp.token_maps is not None else exp.maps).float()
@@ -71,9 +81,7 @@ def _tis_code(adapter, x: Tensor, tgt, raw_maps, method, method_params, radius, 
     else:
         ref = torch.as_tensor(raw_maps).to(device=x.device, dtype=torch.float32)
     ref = ref.reshape(B, -1).double()
-    xe = x.repeat_interleave(n, dim=0)
-    noise = torch.empty(xe.shape, dtype=torch.float32).uniform_(-radius, radius, generator=generator(seed))
-    xp = (xe + noise.to(device=x.device, dtype=x.dtype)).reshape(B, n, *x.shape[1:])
+    xp = (x.repeat_interleave(n, dim=0) + _noise(x, n, radius, seed)).reshape(B, n, *x.shape[1:])
     diffs = torch.empty(B, n, dtype=torch.float64, device=x.device)
     fixed = method in FIXED_DRAW_METHODS
     base = 0 if seed is None else int(seed)
@@ -126,9 +134,7 @@ def max_sensitivity(model, x: Tensor, maps, targets=None, *, explainer: Optional
     fn = _make_explainer(adapter, explainer, method, method_params, tgt, seed)
     B = x.shape[0]
     n = int(n_samples)
-    xe = x.repeat_interleave(n, dim=0)
-    noise = torch.empty(xe.shape, dtype=torch.float32).uniform_(-radius, radius, generator=generator(seed))
-    xp = xe + noise.to(device=x.device, dtype=x.dtype)
+    xp = x.repeat_interleave(n, dim=0) + _noise(x, n, radius, seed)
     te = tgt.repeat_interleave(n)
     bs = B * n if batch_size is None else max(1, int(batch_size))
     diffs = torch.empty(B * n, dtype=torch.float64, device=x.device)

@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--layers", default="all", help="'all', 'paper', 'released', a count from the end, or a fraction")
+    ap.add_argument("--layers", default="none",
+                    help="'none' (every block), a count from the end, a fraction (0.4: the paper), or 0,3,5")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     if args.threads:
@@ -66,8 +67,11 @@ def main() -> None:
     model, weights = _load_model()
     model.module.to(args.device)
     dev = model.device
-    layers = args.layers if args.layers in ("all", "paper", "released") else (
-        float(args.layers) if "." in args.layers else int(args.layers))
+    from vitlens._params import convert_params
+    from vitlens.methods import get_method
+
+    info = get_method("legrad")
+    layers = convert_params(info.fn, {"layers": args.layers}, info.defaults, owner="legrad", flag="--layers")["layers"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, *model.input_size, generator=g).to(dev)
     target = torch.arange(args.batch, device=dev) * 7 % 1000

@@ -11,8 +11,8 @@ bilinearly from the 14x14 token grid) is printed, then the mean / min over image
 Configurations:
 
 * ``released-vs-released``: legrad-torch default (``LeWrapper(model)``, ``layer_index=-2``) vs vitlens
-  ``layers="released", pooling="released"`` -- should agree to float precision;
-* ``released-vs-vitlens-default``: legrad-torch default vs vitlens' defaults (``layers="paper"``, the
+  ``layers=2, pooling="released"`` -- should agree to float precision;
+* ``released-vs-vitlens-default``: legrad-torch default vs vitlens' defaults (``layers=0.4``, the
   last 40 %: 5 of 12 blocks; ``pooling="auto"`` = released token mean);
 * ``last5-vs-vitlens-default``: legrad-torch with ``layer_index=-5`` vs vitlens' defaults (same
   layers: isolates the layer choice).
@@ -100,7 +100,7 @@ def main() -> None:
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo("imagenet-1k")
-    configs = {"released-vs-released": (-2, dict(layers="released", pooling="released")),
+    configs = {"released-vs-released": (-2, dict(layers=2, pooling="released")),
                "released-vs-vitlens-default": (-2, {}),
                "last5-vs-vitlens-default": (-5, {})}
     rows = {k: [] for k in configs}

@@ -41,12 +41,12 @@ def main() -> None:
     m = model.module
     paths = sorted((SHARED / "data" / "imagenet-val-sample" / "images").iterdir())[: args.images]
     x = model.preprocess(paths).to(dev)
-    vitlens.explain(model, x[:1], "vitcx", progress=False, feature=args.feature)  # warm-up
+    vitlens.explain(model, x[:1], "vitcx", progress=False, site=args.feature)  # warm-up
     cx_t, bare_t, ks = [], [], []
     for i in range(len(paths)):
         _sync(dev)
         t0 = time.perf_counter()
-        exp = vitlens.explain(model, x[i:i + 1], "vitcx", progress=False, feature=args.feature)
+        exp = vitlens.explain(model, x[i:i + 1], "vitcx", progress=False, site=args.feature)
         _sync(dev)
         cx_t.append(time.perf_counter() - t0)
         k = exp.extras["n_masks"][0]

@@ -52,6 +52,14 @@ def attnlrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] 
         positive_only: clamp negative relevance to 0 (the raw map keeps its sign by default).
     Extras: ``relevance`` (B, T) per-token relevance including prefix tokens, ``score`` the explained
     logit / similarity, ``total`` its sum over tokens.
+
+    Returns:
+        :class:`MethodResult` with ``token_maps`` (B, gh, gw): the patch tokens' relevance (signed unless
+        ``positive_only``); ``extras``: ``relevance`` (B, T), ``score`` (B,), ``total`` (B,).
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "attnlrp", conservative=True)   # CP-LRP
     """
     check_lrp_support(adapter, "attnlrp")
     if eps < 0:

@@ -67,6 +67,10 @@ def integrated_gradients(adapter: ViTAdapter, x: Tensor, target=None, *, seed: O
             image in ``extras["delta"]`` (costs two extra forward passes per image).
     Returns:
         ``maps`` (B, H, W) (the (B, 3, H, W) attributions are not kept).
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "integrated_gradients", n_steps=50, baseline="zero", reduce="sum")
     """
     from captum.attr import IntegratedGradients
 

@@ -80,6 +80,14 @@ def lrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0,
     Args:
         matmul_rule: ``"normalize"`` (paper) or ``"half"`` (authors' code) for the attention products
             (identical for bias-free products, see :mod:`vitlens.methods.chefer1`).
+
+    Returns:
+        :class:`MethodResult` with ``maps`` (B, H, W): the relevance at the input pixels, summed over the colour
+        channels; ``extras["matmul_rule"]``.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "lrp")
     """
     check_chefer_support(adapter, "lrp")
     B = x.shape[0]

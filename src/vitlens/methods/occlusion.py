@@ -56,6 +56,10 @@ def occlusion(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int
         score: ``"prob"`` (default for classes), ``"logit"``, ``"similarity"`` or ``"auto"``.
     Returns:
         ``maps`` (B, H, W): the mean score drop of the windows covering each pixel.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "occlusion", window=32, stride=16)
     """
     B, _, H, W = x.shape
     wh, ww = pair(adapter.patch_size if window is None else window, "occlusion window")

@@ -41,6 +41,14 @@ def partial_lrp(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[i
     Args:
         variant: ``"attention_relevance"`` (Chefer et al.'s implementation) or ``"head_relevance"``.
         matmul_rule: ``"normalize"`` (Chefer et al.'s paper) or ``"half"`` (their code).
+
+    Returns:
+        :class:`MethodResult` with ``token_maps`` (B, gh, gw): the last block's relevance-weighted attention
+        (CLS row, or the mean of the patch rows for average-pooled models); ``extras["variant"]``.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "partial_lrp", variant="head_relevance")
     """
     check_chefer_support(adapter, "partial_lrp")
     B = x.shape[0]

@@ -115,6 +115,10 @@ def rise(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[int] = 0
             ``n_masks`` and ``s`` are ignored and ``p`` is still the normaliser of eq. 6).
     Returns:
         ``maps`` (B, H, W) = sum_i f(x . M_i) M_i / (N p); ``extras`` holds ``n_masks``, ``score``.
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "rise", n_masks=4000, s=8, p=0.1, score="logit")   # as TIS ran it
     """
     B, _, H, W = x.shape
     if masks is not None:

@@ -56,6 +56,13 @@ def smoothgrad(adapter: ViTAdapter, x: Tensor, target=None, *, seed: Optional[in
         noise: optional fixed (n, 3, H, W) standard-normal samples (then ``n_samples`` is ignored).
         noise_sigma: absolute sigma in the normalised input space (replaces ``noise_level``; Captum's
             ``NoiseTunnel`` default ``stdevs=1.0``).
+
+    Returns:
+        :class:`MethodResult` with ``maps`` (B, H, W); ``extras``: ``n_samples``, ``sigma`` (B,), ``score``, ...
+
+    Example::
+
+        >>> exp = vitlens.explain(model, x, "smoothgrad", n_samples=50, noise_level=0.15)
     """
     from captum.attr import Saliency
 

@@ -14,6 +14,7 @@ keyword argument of that name.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -89,8 +90,24 @@ class MetricInfo:
     value_range: Callable[[dict], ValueRange] = lambda protocol: UNBOUNDED
     pooled: Optional[Pooling] = None
 
+    def check(self, params: dict) -> dict:
+        """Protocol keyword arguments converted to their declared types and checked (names, choices); the
+        per-image data (``needs``), runtime arguments and objects pass unchanged. One-line errors."""
+        from .._params import convert_params
+
+        protocol = {k: v for k, v in params.items() if k in self.defaults}
+        rest = {k: v for k, v in params.items() if k not in self.defaults}
+        from ..registry import METRIC_RUNTIME
+
+        unknown = {k: v for k, v in rest.items()
+                   if k not in METRIC_RUNTIME and k not in self.needs and k not in _accepted(self.fn)}
+        convert_params(self.fn, unknown, self.defaults, owner=f"metric '{self.name}'", flag=None)  # raises
+        return {**rest, **convert_params(self.fn, protocol, self.defaults, owner=f"metric '{self.name}'", flag=None,
+                                         objects_ok=True)}
+
     def __call__(self, *args, **kwargs) -> MetricResult:
-        return self.fn(*args, **kwargs)
+        """Evaluate the metric; its protocol arguments are checked first (:meth:`check`)."""
+        return self.fn(*args, **self.check(kwargs))
 
     @property
     def per_image(self) -> bool:
@@ -100,6 +117,10 @@ class MetricInfo:
     def range_for(self, protocol: Optional[dict] = None) -> ValueRange:
         """The :class:`ValueRange` of the values under ``protocol`` (defaults filled in)."""
         return self.value_range({**self.defaults, **(protocol or {})})
+
+
+def _accepted(fn: Callable) -> set:
+    return set(inspect.signature(fn).parameters)
 
 
 REGISTRY: Registry[MetricInfo] = Registry("metric", "vitlens.metrics")
@@ -127,8 +148,13 @@ def register_metric(name: str, *, higher_is_better: bool, needs: tuple[str, ...]
         rng = value_range if callable(value_range) else (lambda protocol, _r=value_range: _r)
         if not isinstance(rng(dict(d)), ValueRange):
             raise RegistryError(f"metric '{name}': value_range must give a ValueRange.")
-        REGISTRY.add(MetricInfo(name, fn, bool(higher_is_better), tuple(needs), d, doc, rng, pooled))
-        return fn
+        info = REGISTRY.add(MetricInfo(name, fn, bool(higher_is_better), tuple(needs), d, doc, rng, pooled))
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs) -> MetricResult:
+            return fn(*args, **info.check(kwargs))
+
+        return checked  # the public function checks its protocol arguments (names, types, choices) first
 
     return deco
 

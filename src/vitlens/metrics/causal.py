@@ -78,7 +78,7 @@ the step's pixel count and run as batched forward passes (``batch_size`` images 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -88,9 +88,12 @@ from ..batching import batch_slices, generator, resolve_batch_size
 from ..batching import progress as progress_bar
 from ..errors import InputError
 from ..precision import perturbed_forward, runtime
+from ..models.targets import ScoreKind
 from .base import UNBOUNDED, UNIT, MetricResult, ValueRange, check_maps, pixel_stats, register_metric, trapezoid
 
-SUBSTRATES = ("blur", "black", "mean", "random", "zero")
+Substrate = Literal["blur", "black", "mean", "random", "zero"]
+SUBSTRATES = get_args(Substrate)
+Protocol = Literal["paper", "rise_code", "tis_code"]
 PROTOCOLS = {
     "paper": dict(insertion="blur", deletion="blur", start_point=True, space="pixel", ties="raster",
                   auc="trapezoid"),
@@ -267,15 +270,11 @@ def _run(mode: str, model, x: Tensor, maps, targets, *, protocol: str, substrate
          precision=None, compile: Optional[bool] = None, raw_maps=None) -> MetricResult:
     from ..models import wrap_model
 
-    if protocol not in PROTOCOLS:
-        raise InputError(f"unknown {mode} protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}.")
     adapter = wrap_model(model)
     x = adapter.check_input(x)
     maps = check_maps(maps, x)
     proto = PROTOCOLS[protocol]
     sub = substrate if substrate is not None else proto[mode]
-    if sub not in SUBSTRATES:
-        raise InputError(f"unknown substrate '{sub}'; choose one of {', '.join(SUBSTRATES)}.")
     tgt = adapter.resolve_target(targets, x=x)
     kind = adapter.default_score(tgt) if score == "auto" else score
     H, W = x.shape[-2:]
@@ -307,8 +306,8 @@ def _auc_range(protocol: dict) -> ValueRange:
 
 
 @register_metric("insertion", higher_is_better=True, value_range=_auc_range)
-def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", substrate: Optional[str] = None,
-              n_steps: int = 224, score: str = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
+def insertion(model, x: Tensor, maps, targets=None, *, protocol: Protocol = "paper",
+              substrate: Optional[Substrate] = None, n_steps: int = 224, score: ScoreKind = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
               seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,
               precision=None, compile: Optional[bool] = None, raw_maps=None) -> MetricResult:
     """Insertion AUC (RISE Sec. 4.1): start from the substrate, restore the most salient pixels first.
@@ -319,6 +318,11 @@ def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", 
     raster for ``"tis_code"``) and the AUC (trapezoid; mean of the n scores for ``"tis_code"``).
     ``raw_maps`` (B, h, w): the method's raw native maps, ranked instead of ``maps`` by ``"tis_code"``.
     Returns ``values`` (B,) AUC, ``curves`` (B, n_points), ``xs`` (n_points,).
+
+    Example::
+
+        >>> res = insertion(model, x, exp.maps, exp.targets, substrate="blur")
+        >>> res.values.shape, res.curves.shape        # (B,), (B, n_steps + 1)
     """
     return _run("insertion", model, x, maps, targets, protocol=protocol, substrate=substrate, n_steps=n_steps,
                 score=score, blur_kernel=blur_kernel, blur_sigma=blur_sigma, seed=seed, batch_size=batch_size,
@@ -326,8 +330,8 @@ def insertion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", 
 
 
 @register_metric("deletion", higher_is_better=False, value_range=_auc_range)
-def deletion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", substrate: Optional[str] = None,
-             n_steps: int = 224, score: str = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
+def deletion(model, x: Tensor, maps, targets=None, *, protocol: Protocol = "paper",
+             substrate: Optional[Substrate] = None, n_steps: int = 224, score: ScoreKind = "prob", blur_kernel: int = 11, blur_sigma: float = 5.0,
              seed: Optional[int] = 0, batch_size: Optional[int] = None, progress: Optional[bool] = None,
              precision=None, compile: Optional[bool] = None, raw_maps=None) -> MetricResult:
     """Deletion AUC (RISE Sec. 4.1): replace the most salient pixels by the substrate first.
@@ -337,6 +341,13 @@ def deletion(model, x: Tensor, maps, targets=None, *, protocol: str = "paper", s
     curve end points (x = 0 is the untouched image unless ``protocol="tis_code"``), score (softmax
     probability), tie-breaking (raster order; reverse raster for ``"tis_code"``), the AUC (trapezoid;
     mean of the n scores for ``"tis_code"``) and ``raw_maps``.
+
+    Returns:
+        :class:`MetricResult`: ``values`` (B,) AUCs, ``curves`` (B, n points), ``xs`` (n points,), ``protocol``.
+
+    Example::
+
+        >>> res = deletion(model, x, exp.maps, exp.targets, protocol="rise_code")
     """
     return _run("deletion", model, x, maps, targets, protocol=protocol, substrate=substrate, n_steps=n_steps,
                 score=score, blur_kernel=blur_kernel, blur_sigma=blur_sigma, seed=seed, batch_size=batch_size,

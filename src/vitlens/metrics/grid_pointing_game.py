@@ -95,6 +95,15 @@ def grid_pointing_game(model, x: Optional[Tensor], maps, targets=None, *, cells:
     Args:
         cells: (B,) index (row-major) of the cell whose class each map explains.
         grid: (rows, cols) of the mosaic (2 x 2).
+
+    Returns:
+        :class:`MetricResult`: ``values`` (B,) in [0, 1], the share of each map's positive mass in its cell.
+
+    Example::
+
+        >>> mosaic, labels, cells = make_grids(model, x, labels)
+        >>> res = grid_pointing_game(model, mosaic, vitlens.explain(model, mosaic, "legrad", target=labels).maps,
+        ...                          labels, cells=cells)
     """
     maps = check_maps(maps, x if isinstance(x, Tensor) else None)
     cells = torch.as_tensor(cells, dtype=torch.long).reshape(-1).to(maps.device)

@@ -41,6 +41,15 @@ def open_vocab(model, x: Optional[Tensor], maps, targets=None, *, points: Tensor
         points: (B, P, 2) point coordinates (x, y) in input-grid pixels (padding rows anywhere).
         point_labels: (B, P): 1 yes, 0 no, -1 padding / ignored.
         targets: the class (prompt) of each row, kept in ``extras["classes"]`` for the per-class mean.
+
+    Returns:
+        :class:`MetricResult`: ``values`` (B,) per-pair IoU of the binarised map with the point labels (NaN where
+        the union is empty); ``extras["counts"]`` (B, 2) intersections and unions (pooled by
+        :func:`open_vocab_scores` into p-mIoU).
+
+    Example::
+
+        >>> res = open_vocab(clip, x, maps, ["a photo of a dog"], points=points, point_labels=labels)
     """
     maps = check_maps(maps, x if isinstance(x, Tensor) else None)
     B, H, W = maps.shape

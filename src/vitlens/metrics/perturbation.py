@@ -120,7 +120,15 @@ def _steps_range(protocol: dict) -> ValueRange:
 def perturbation_positive(model, x: Tensor, maps, targets=None, *, labels=None, steps: tuple = STEPS,
                           batch_size: Optional[int] = None, progress: Optional[bool] = None,
                           precision=None, compile: Optional[bool] = None) -> MetricResult:
-    """Positive perturbation AUC (Chefer et al. 2021): most relevant pixels removed first; lower is better."""
+    """Positive perturbation AUC (Chefer et al. 2021): most relevant pixels removed first; lower is better.
+
+    Returns:
+        :class:`MetricResult`: ``values`` (B,) AUCs, ``curves`` (B, steps) top-1 correctness, ``xs`` the steps.
+
+    Example::
+
+        >>> res = perturbation_positive(model, x, exp.maps, exp.targets, labels=labels)
+    """
     return perturbation(model, x, maps, targets, labels=labels, order="positive", steps=steps,
                         batch_size=batch_size, progress=progress, precision=precision, compile=compile)
 
@@ -129,6 +137,14 @@ def perturbation_positive(model, x: Tensor, maps, targets=None, *, labels=None, 
 def perturbation_negative(model, x: Tensor, maps, targets=None, *, labels=None, steps: tuple = STEPS,
                           batch_size: Optional[int] = None, progress: Optional[bool] = None,
                           precision=None, compile: Optional[bool] = None) -> MetricResult:
-    """Negative perturbation AUC (Chefer et al. 2021): least relevant pixels removed first; higher is better."""
+    """Negative perturbation AUC (Chefer et al. 2021): least relevant pixels removed first; higher is better.
+
+    Returns:
+        :class:`MetricResult`: ``values`` (B,) AUCs, ``curves`` (B, steps) top-1 correctness, ``xs`` the steps.
+
+    Example::
+
+        >>> res = perturbation_negative(model, x, exp.maps, exp.targets, labels=labels)
+    """
     return perturbation(model, x, maps, targets, labels=labels, order="negative", steps=steps,
                         batch_size=batch_size, progress=progress, precision=precision, compile=compile)

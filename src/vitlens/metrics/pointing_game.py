@@ -24,7 +24,7 @@ upsampled bilinearly to the input size (``raw_maps``; TIS's ``evaluate.py`` ``Re
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -131,9 +131,9 @@ def _hit_range(protocol: dict) -> ValueRange:
 
 @register_metric("pointing_game", higher_is_better=True, needs=("boxes",), value_range=_hit_range)
 def pointing_game(model, x: Tensor, maps, targets=None, *, boxes: Tensor, tolerance: float = 0.0,
-                  max_box_fraction: Optional[float] = 0.5, variant: str = "hit",
+                  max_box_fraction: Optional[float] = 0.5, variant: Literal["hit", "energy"] = "hit",
                   coverage: Optional[Tensor] = None, batch_size: Optional[int] = None,
-                  progress: Optional[bool] = None, protocol: str = "default", raw_maps=None,
+                  progress: Optional[bool] = None, protocol: Literal["default", "tis_code"] = "default", raw_maps=None,
                   box_coords=None) -> MetricResult:
     """Pointing game (Zhang et al. 2018) per image: 1 hit, 0 miss, NaN excluded; ``.mean()`` is the hit rate.
 
@@ -151,6 +151,15 @@ def pointing_game(model, x: Tensor, maps, targets=None, *, boxes: Tensor, tolera
     No forward pass: ``model``, ``x`` and ``targets`` are accepted for the common metric signature.
     Ties at the maximum count as a hit only when every maximal pixel is inside (a constant or all-zero
     map is never a hit unless the box region covers the whole image).
+
+    Returns:
+        :class:`MetricResult`: ``values`` (B,) hits (0/1; the energy variant: a share in [0, 1]), NaN where the
+        image is excluded (boxes covering more than ``max_box_fraction`` of it).
+
+    Example::
+
+        >>> res = pointing_game(model, x, exp.maps, exp.targets, boxes=box_masks)
+        >>> res.mean()                                   # hit rate over the images kept
     """
     maps = check_maps(maps, x if isinstance(x, Tensor) else None)
     if protocol == "tis_code":
@@ -166,15 +175,11 @@ def pointing_game(model, x: Tensor, maps, targets=None, *, boxes: Tensor, tolera
                                                              keep="coverage < max_box_fraction",
                                                              boxes="int() truncated slices",
                                                              ranked="raw_maps" if raw_maps is not None else "maps"))
-    if protocol != "default":
-        raise InputError(f"unknown pointing_game protocol '{protocol}'; choose 'default' or 'tis_code'.")
     boxes = torch.as_tensor(boxes).to(maps.device)
     if variant == "hit":
         vals = pointing_hits(maps, boxes, tolerance=tolerance, max_box_fraction=max_box_fraction, coverage=coverage)
-    elif variant == "energy":
+    else:  # "energy"
         vals = pointing_energy(maps, boxes, max_box_fraction=max_box_fraction, coverage=coverage)
-    else:
-        raise InputError(f"unknown pointing-game variant '{variant}'; choose 'hit' or 'energy'.")
     return MetricResult(values=vals.cpu(), protocol=dict(tolerance=tolerance, max_box_fraction=max_box_fraction,
                                                          variant=variant, ties="all maxima must be inside",
                                                          exact_coverage=coverage is not None))

@@ -83,6 +83,15 @@ def segmentation(model, x: Optional[Tensor], maps, targets=None, *, masks: Tenso
         masks: (B, H, W) ground truth at the maps' resolution (1 object, 0 background, < 0 ignored),
             e.g. from :meth:`vitlens.data.ImageNetSegmentation.batch`.
         threshold: a number in [0, 1] (default 0.5: LeGrad Sec. 4.1) or ``"mean"`` (Chefer et al.).
+
+    Returns:
+        :class:`MetricResult`: ``values`` (B,) per-image average precision; ``extras``: pixel counts,
+        intersections and unions per image (``counts`` (B, 6)), pooled by :func:`segmentation_scores`.
+
+    Example::
+
+        >>> res = segmentation(model, x, exp.maps, masks=gt_masks)
+        >>> segmentation_scores(res)["miou"]
     """
     maps = check_maps(maps, x if isinstance(x, Tensor) else None)
     masks = torch.as_tensor(masks).to(maps.device)

@@ -26,7 +26,7 @@ calls ``generate_masks`` in ``__init__``), for which the same ``seed`` is reused
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -102,7 +102,7 @@ def _tis_code(adapter, x: Tensor, tgt, raw_maps, method, method_params, radius, 
 def max_sensitivity(model, x: Tensor, maps, targets=None, *, explainer: Optional[Callable] = None,
                     method: Optional[str] = None, method_params: Optional[dict] = None, radius: float = 0.02,
                     n_samples: int = 10, seed: Optional[int] = 0, batch_size: Optional[int] = None,
-                    progress: Optional[bool] = None, protocol: str = "default", raw_maps=None) -> MetricResult:
+                    progress: Optional[bool] = None, protocol: Literal["default", "tis_code"] = "default", raw_maps=None) -> MetricResult:
     """Max-sensitivity per image (see the module docstring).
 
     Args:
@@ -113,6 +113,13 @@ def max_sensitivity(model, x: Tensor, maps, targets=None, *, explainer: Optional
         radius: L-infinity radius r of the uniform noise (0.02).
         n_samples: Monte Carlo samples per image (10).
         batch_size: perturbed images per explainer call (default: all ``B * n_samples`` at once).
+
+    Returns:
+        :class:`MetricResult`: ``values`` (B,) the largest relative change of the map over the perturbations.
+
+    Example::
+
+        >>> res = max_sensitivity(model, x, exp.maps, exp.targets, method="legrad", n_samples=10)
     """
     from ..models import wrap_model
 
@@ -129,8 +136,6 @@ def max_sensitivity(model, x: Tensor, maps, targets=None, *, explainer: Optional
                                           norm="fro", maps="raw native", method=method,
                                           method_params=dict(method_params or {}),
                                           perturbed_seeds="same" if method in FIXED_DRAW_METHODS else "seed+1+i"))
-    if protocol != "default":
-        raise InputError(f"unknown max_sensitivity protocol '{protocol}'; choose 'default' or 'tis_code'.")
     fn = _make_explainer(adapter, explainer, method, method_params, tgt, seed)
     B = x.shape[0]
     n = int(n_samples)

@@ -18,7 +18,7 @@ to every value (the code's guard against zeros), then the Gini formula above. Be
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -54,8 +54,16 @@ def gini_tis(maps: Tensor) -> Tensor:
 
 @register_metric("sparseness", higher_is_better=True, value_range=UNIT)
 def sparseness(model, x: Tensor, maps, targets=None, *, batch_size: Optional[int] = None,
-               progress: Optional[bool] = None, protocol: str = "default", raw_maps=None) -> MetricResult:
-    """Gini-index sparseness of each map (see the module docstring); ``model``/``targets`` unused."""
+               progress: Optional[bool] = None, protocol: Literal["default", "tis_code"] = "default", raw_maps=None) -> MetricResult:
+    """Gini-index sparseness of each map (see the module docstring); ``model``/``targets`` unused.
+
+    Returns:
+        :class:`MetricResult`: ``values`` (B,) Gini indices in [0, 1] (1: all mass on one pixel).
+
+    Example::
+
+        >>> res = sparseness(model, x, exp.maps)
+    """
     maps = check_maps(maps, x if isinstance(x, Tensor) else None)
     if protocol == "tis_code":
         if raw_maps is not None:
@@ -66,7 +74,5 @@ def sparseness(model, x: Tensor, maps, targets=None, *, batch_size: Optional[int
                                                                        eps=TIS_EPS,
                                                                        map="raw upsampled" if raw_maps is not None
                                                                        else "maps"))
-    if protocol != "default":
-        raise InputError(f"unknown sparseness protocol '{protocol}'; choose 'default' or 'tis_code'.")
     return MetricResult(values=gini(maps).cpu(), protocol=dict(shift="a - min(a) when min(a) < 0",
                                                                zero_map=0.0))

@@ -2,7 +2,8 @@
 (:mod:`.execute`), merge and report (:mod:`.finish`).
 
 One runner per folder (or shard): :mod:`.lock`. Before the model loads, the method entries, metrics and
-dataset are checked (one-line errors). Targets: ``label`` explains the ground-truth class; ``predicted`` the
+dataset are checked (one-line errors). A folder written by an earlier release resumes under the current
+run keys (:mod:`.legacy_keys`). Targets: ``label`` explains the ground-truth class; ``predicted`` the
 model's top-1 class (per dataset, see :mod:`.datasets`: ImageNet-Segmentation has no labels, OpenImages
 explains each annotated class's prompt). The code version (``vitlens.__version__`` + git hash) is
 recorded in every row but is not part of any key, so resuming after upgrading the code continues the
@@ -25,6 +26,7 @@ from .config import BenchConfig
 from .datasets import BenchDataset
 from .execute import execute, record_plan
 from .finish import finish
+from .legacy_keys import rekey_legacy_runs
 from .lock import RunLock, lock_paths
 from .plan import check_methods, make_plan, open_data
 from .shards import SHARD_DIR, merge_shards, shard_path, shard_suffix
@@ -67,6 +69,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         if info.count == 1 and (out / SHARD_DIR).is_dir():  # earlier --shard runs: count their work as done
             merge_shards(out)
         store = Store(shard_path(out, info.index, info.count) if info.sharded else main_db, also=[main_db])
+        rekey_legacy_runs(store, cfg, plan, model, log)
         record_plan(store, cfg, plan, data)
         log.info("start: %d images selected, %d batches of %d, this shard %d/%d has %d batches; methods %s; "
                  "metrics %s; device %s; version %s", len(plan.items), len(plan.batches), int(cfg.batch_size),

@@ -32,7 +32,7 @@ from _shared import MODEL, SHARED
 
 def own_cost(model, ids_paths, labels, masks, coverage, methods, metrics, steps, batch_size, fbs) -> float:
     import vitlens
-    from vitlens.bench.runner import load_images
+    from vitlens.bench.datasets import load_images
     from vitlens.metrics.base import get_metric
 
     xs = [load_images(model, ids_paths[k:k + batch_size]) for k in range(0, len(ids_paths), batch_size)]

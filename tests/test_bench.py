@@ -215,7 +215,8 @@ def test_end_to_end_three_methods_on_ten_shared_images(real_model, shared_pointi
 
 # ------------------------------------------------------------------------------------------ unit tests
 def test_merge_is_idempotent_and_keeps_committed_rows(tmp_path):
-    from vitlens.bench.store import Store, merge_into
+    from vitlens.bench.shards import merge_into
+    from vitlens.bench.store import Store
 
     def row(i, v):
         return dict(run_key="r", image_id=f"im{i}", metric="m", protocol_key="p", model="M", method="x",
@@ -236,7 +237,7 @@ def test_merge_is_idempotent_and_keeps_committed_rows(tmp_path):
 
 
 def test_mean_ci_matches_student_t_by_hand():
-    from vitlens.bench.report import mean_ci
+    from vitlens.bench.stats import mean_ci
 
     v = [0.1, 0.4, 0.35, float("nan"), 0.8]
     c = mean_ci(v)

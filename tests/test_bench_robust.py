@@ -44,7 +44,7 @@ def _wilson_by_inversion(k: int, n: int, z: float = 1.959963984540054) -> tuple[
 
 @pytest.mark.parametrize("k,n", [(0, 10), (10, 10), (3, 10), (1, 1), (57, 200), (199, 200)])
 def test_wilson_interval_equals_the_inverted_score_test(k, n):
-    from vitlens.bench.report import wilson
+    from vitlens.bench.stats import wilson
 
     lo, hi = wilson(k, n)
     rlo, rhi = _wilson_by_inversion(k, n)
@@ -54,7 +54,7 @@ def test_wilson_interval_equals_the_inverted_score_test(k, n):
 
 
 def test_intervals_stay_inside_the_metric_range_and_say_which_rule():
-    from vitlens.bench.report import interval_label, metric_ci
+    from vitlens.bench.stats import interval_label, metric_ci
 
     hits = [1.0, 1.0, 1.0, 0.0, float("nan"), 1.0]  # the issue's case: t on 0/1 values exceeds 1
     c = metric_ci(hits, "pointing_game", {"variant": "hit"})
@@ -231,7 +231,7 @@ def bad_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     ids = _make_data(root / "data")
     model = vitlens.load_model("vit_tiny_patch16_224", weights="random", img_size=64, depth=2)
-    from vitlens.bench.runner import load_images
+    from vitlens.bench.datasets import load_images
 
     x1 = load_images(model, [root / "data" / "images" / f"{ids[1]}.JPEG"])  # as the runner decodes it
     info = mbase.MethodInfo("_flaky_test", _flaky_factory(x1[0, :, 0, 0].clone()), mbase.MethodKind.ATTENTION, True,
@@ -316,7 +316,7 @@ def test_report_states_protocol_classes_and_parameters(bad_run):
         assert 'head_fusion="mean"' in text.replace("&quot;", '"')  # a method's full parameters
         assert "random" in text and "64x64" in text  # weights identity and input
     assert "±" not in md  # intervals are [lo, hi], not symmetric
-    from vitlens.bench.report import class_name
+    from vitlens.bench.figures import class_name
 
     names = [ln.split(" ", 1)[1] for ln in (DATA / "LOC_synset_mapping.txt").read_text().splitlines()]
     row = _q(root / "out" / "results.sqlite", f"SELECT label FROM images WHERE image_id='{ids[0]}'")[0][0]
@@ -368,7 +368,7 @@ def test_report_intervals_follow_the_metric_a_label_runs(tmp_path):
     """A column labelled ``pg_alias`` (= pointing_game) gets the Wilson interval of a hit rate, and
     ``sparseness_paper`` the t interval clipped to [0, 1]: the label is resolved to the registered metric
     (stored in ``metric_names``; for folders written before that table, by the label's prefix)."""
-    from vitlens.bench.report import build_table
+    from vitlens.bench.tables import build_table
     from vitlens.bench.store import Store
 
     st = Store(tmp_path / "r.sqlite")
@@ -378,7 +378,7 @@ def test_report_intervals_follow_the_metric_a_label_runs(tmp_path):
     st.put_protocol("pk2", "sparseness_paper", {"protocol": "default"}, True, base="sparseness")
     hits = [1, 1, 1, 0, 1, 1, 1, 1]
     sp = [1.0, 0.6, 1.0, 1.0, 0.7, 1.0, 1.0, 0.95]
-    from vitlens.bench.report import mean_ci
+    from vitlens.bench.stats import mean_ci
 
     assert mean_ci(np.array(sp)).hi > 1.0  # the plain t interval would pass the range's end
     rows = [dict(run_key="rk", image_id=f"i{k}", metric=lb, protocol_key=pk, model="x", method="m", value=v,

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._params import INT_TEXT
+from .cli_common import OneLineParser, UsageError, run_main  # noqa: F401 (UsageError: re-exported)
 from .errors import InputError, VitlensError
 
 #: Lighter settings used by ``vitlens demo`` (paper defaults with ``--full``): the demo must finish in
@@ -29,17 +31,6 @@ DEMO_PARAMS: dict[str, dict] = {
     "smoothgrad": {"n_samples": 16},
 }
 DEFAULT_METHOD = "tis"
-
-
-class UsageError(VitlensError):
-    """A command-line usage error (argparse's message, made one line)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """``argparse`` whose errors are one line (no usage block) and raise instead of exiting."""
-
-    def error(self, message: str):  # noqa: D401 (argparse API)
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help).")
 
 
 # ----------------------------------------------------------------------------- argument conversion
@@ -58,7 +49,6 @@ def _parse_params(items: Sequence[str], method: str) -> dict:
                           renamed=info.renamed, old_values=info.old_values)
 
 
-_INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)")
 
 
@@ -68,7 +58,7 @@ def _parse_target(t: Optional[str]):
     s = t.strip()
     if not s:
         raise InputError("--target is empty: give a class index, a class name or (CLIP) a text prompt.")
-    if _INT.fullmatch(s):
+    if INT_TEXT.fullmatch(s):
         return int(s)
     if _FLOAT.fullmatch(s):
         raise InputError(f"--target {t}: a class index must be a whole number (e.g. --target {int(float(s))}).")
@@ -305,41 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(msg: str) -> str:
-    return " ".join(str(msg).split())
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("VITLENS_DEBUG") == "1"
-    argv = [a for a in argv if a != "--debug"]
-    try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
-    except SystemExit as e:  # --help / --version (and sub-tools that exit)
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
-    except KeyboardInterrupt:
-        print("vitlens: interrupted", file=sys.stderr)
-        return 130
-    except VitlensError as e:
-        if debug:
-            raise
-        msg = _one_line(e)
-        print(msg if isinstance(e, UsageError) else f"vitlens: error: {msg}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. the output folder is not writable
-        if debug:
-            raise
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"vitlens: error: cannot access{where}: {_one_line(e.strerror or e)}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a bug: still one line, with the way to the traceback
-        if debug:
-            raise
-        print(f"vitlens: error: unexpected {type(e).__name__}: {_one_line(e)} "
-              "(run again with --debug for the traceback, and please report it)", file=sys.stderr)
-        return 1
+    """``vitlens ...``: every error is one line on stderr (see :func:`vitlens.cli_common.run_main`)."""
+    return run_main(build_parser, argv)
 
 
 if __name__ == "__main__":

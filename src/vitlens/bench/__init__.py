@@ -16,7 +16,8 @@ Output folder: ``results.sqlite`` (maps + one row per model/method/image/metric/
 and ``report.html`` for everything in the database (see :mod:`.report`; ``--report-subset`` adds the
 run's own view in ``this-run/``), and ``bench.lock`` while a run is active (see :mod:`.lock`). Running the
 same command again resumes: it says what it found (``resuming: 30 of 54 maps, 12 of 108 rows done``)
-and computes only the missing maps and rows (failed ones are retried). Progress (:mod:`.progress`): a
+and computes only the missing maps and rows (failed ones are retried); a folder written by vitlens 0.1
+resumes too (:mod:`.legacy_keys`; its database is migrated on open, :mod:`.schema`). Progress (:mod:`.progress`): a
 line per method and metric call with rates and the ETA of the whole run, on stderr. Bad data
 (:mod:`.faults`): an unreadable image or a method/metric that raises on an image is recorded, reported
 at the end and in the report, and the run goes on.

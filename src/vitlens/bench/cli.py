@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from ..errors import VitlensError
-
+from ..cli_common import OneLineParser, run_main
+from ..errors import InputError, VitlensError
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -77,11 +77,13 @@ def _convert_user_params(cfg, method_params: dict, metric_params: dict, source: 
 
     mflag, tflag = ("--method-param", "--metric-param") if source is None else (f"{source}: method", f"{source}: metric")
     for spec in cfg.methods:
-        info = get_method(spec.method)
+        method = get_method(spec.method)
         given = method_params.get(spec.label, {})
         if given:
-            spec.params.update(convert_params(info.fn, given, info.defaults, owner=f"method '{spec.method}'",
-                                              flag=mflag, prefix=f"{spec.label}.", objects_ok=source is not None))
+            spec.params.update(convert_params(method.fn, given, method.defaults, owner=f"method '{spec.method}'",
+                                              flag=mflag, prefix=f"{spec.label}.", objects_ok=source is not None,
+                                              renamed=method.renamed, old_values=method.old_values))
+
     def base(name: str) -> str:  # a metric label may run another registered metric ({"metric": ...})
         p = cfg.metric_params.get(name) if isinstance(cfg.metric_params, dict) else None
         return str(p.get("metric", name)) if isinstance(p, dict) else name
@@ -93,12 +95,10 @@ def _convert_user_params(cfg, method_params: dict, metric_params: dict, source: 
         get_metric(base(name))
     for name, given in (metric_params or {}).items():
         if not isinstance(given, dict):
-            from ..errors import InputError
-
             raise InputError(f"{tflag} {name}={given}: write METRIC.KEY=VALUE, e.g. insertion.n_steps=16.")
         given = {k: v for k, v in given.items() if k != "metric"}
-        info = get_metric(base(name))
-        conv = convert_params(info.fn, given, info.defaults, owner=f"metric '{name}'", flag=tflag,
+        metric = get_metric(base(name))
+        conv = convert_params(metric.fn, given, metric.defaults, owner=f"metric '{name}'", flag=tflag,
                               prefix=f"{name}.", objects_ok=source is not None)
         if isinstance(cfg.metric_params, dict) and isinstance(cfg.metric_params.get(name), dict):
             cfg.metric_params[name].update(conv)
@@ -200,20 +200,20 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m vitlens.bench [bench] ...`` or ``python -m vitlens.bench report DIR``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    from ..cli import OneLineParser, UsageError
-
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m vitlens.bench``: the ``bench`` and ``report`` subcommands of ``vitlens``."""
     ap = OneLineParser(prog="python -m vitlens.bench")  # usage errors: one line, exit code 2
-    sub = ap.add_subparsers(dest="command")
+    sub = ap.add_subparsers(dest="command", required=True)
     add_bench_parser(sub)
     add_report_parser(sub)
-    if not argv or argv[0] not in ("bench", "report", "-h", "--help"):
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m vitlens.bench [bench] ...`` or ``python -m vitlens.bench report DIR``: the same commands,
+    options, messages and exit codes as ``vitlens bench`` / ``vitlens report`` (:func:`vitlens.cli_common.run_main`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if a != "--debug"), None)
+    if first not in ("bench", "report"):  # the default command (``--help`` too: bench's options)
         argv = ["bench", *argv]
-    try:
-        args = ap.parse_args(argv)
-    except UsageError as e:
-        print(" ".join(str(e).split()), file=sys.stderr)
-        return 2
-    return int(args.func(args))
+    return run_main(build_parser, argv)

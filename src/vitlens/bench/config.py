@@ -236,10 +236,9 @@ def resolved(cfg: BenchConfig) -> dict:
     methods = {}
     for spec in parse_methods(cfg.methods):
         try:
-            defaults = dict(get_method(spec.method).defaults)
+            params = dict(get_method(spec.method).defaults)  # the parameters (runtime arguments are not)
         except Exception as e:
             raise InputError(str(e)) from None
-        params = {k: v for k, v in defaults.items() if k not in ("seed", "batch_size", "progress")}
         params.update(spec.params)
         methods[spec.label] = dict(method=spec.method, **params)
     d["methods"] = methods

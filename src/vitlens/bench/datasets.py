@@ -39,6 +39,9 @@ CLIP-style models without a class vocabulary get ImageNet's as zero-shot classes
 synset mapping is not the 1000 classes gives its own names) on ``imagenet`` and ``imagenet-seg``, so
 the predicted class and the perturbation metrics' top-1 correctness are defined.
 
+Images are decoded by :func:`load_images` (the model's eval transform, or the TIS pipeline with
+``--transform tis``).
+
 Metrics per dataset: a config's ``metrics`` may be a list (used on any dataset) or a dict from
 dataset kind to list (as the LeGrad presets, whose tables use three datasets); see
 :func:`metrics_for`.
@@ -143,6 +146,26 @@ def _zero_shot_vocabulary(model, names: Optional[Sequence[str]] = None) -> None:
     model.set_classes(list(names), ZERO_SHOT_TEMPLATE)
 
 
+def load_images(model, paths: list, transform: str = "model") -> torch.Tensor:
+    """The model's own eval transform; the generic one (resize short side to size/crop_pct, centre crop)
+    when the former does not produce the model's input size (e.g. timm models built with ``img_size``).
+    ``transform="tis"``: the TIS evaluation pipeline (:mod:`vitlens.data.transforms`)."""
+    if transform == "tis":
+        from ..data.transforms import tis_images
+
+        x = tis_images(paths).to(model.device)
+        if tuple(x.shape[-2:]) != tuple(model.input_size):
+            raise InputError(f"the 'tis' transform produces 224 x 224 inputs; the model expects {model.input_size}.")
+        return x
+    x = model.preprocess(paths)
+    if tuple(x.shape[-2:]) != tuple(model.input_size):
+        from ..models.preprocess import preprocess_images
+
+        x = preprocess_images(paths, size=model.input_size, mean=model.mean, std=model.std, crop_pct=model.crop_pct,
+                              interpolation=getattr(model, "interpolation", "bicubic")).to(model.device)
+    return x
+
+
 def _predicted(model, x: torch.Tensor) -> list[int]:
     with torch.no_grad():
         return model.class_logits(model.forward(x)).argmax(-1).tolist()
@@ -186,8 +209,6 @@ class BenchDataset:
 
     def load(self, model, items: list[Item]) -> torch.Tensor:
         """The (n, 3, H, W) model inputs of ``items``."""
-        from .runner import load_images
-
         return load_images(model, [it.path for it in items], self.transform)
 
     def targets(self, rule: str, model, items: list[Item], x: torch.Tensor) -> tuple[list, Optional[list[int]]]:
@@ -318,66 +339,3 @@ class OpenImagesData(BenchDataset):
                              f"{{class}}\"): it needs a CLIP-style model, not {model.describe()}.")
         prompts = [self.points.prompt(self.points.pairs[it.index].name) for it in items]
         return prompts, [it.label for it in items]
-
-
-# ------------------------------------------------------------------------------------ dataset-level scores
-def _segmentation_pooled(rows: list) -> dict:
-    from ..metrics.segmentation import segmentation_scores_from_counts
-
-    s = segmentation_scores_from_counts(np.stack([c for c, _, _ in rows]), [v for _, _, v in rows])
-    return {"pixel acc": s["pixel_accuracy"], "mIoU": s["miou"], "mAP": s["map"]}
-
-
-def _open_vocab_pooled(rows: list) -> dict:
-    from ..metrics.open_vocab import open_vocab_scores_from_counts
-
-    return {"p-mIoU": open_vocab_scores_from_counts(np.stack([c for c, _, _ in rows]),
-                                                    [t for _, t, _ in rows])["p_miou"]}
-
-
-#: metrics whose published number is pooled over the dataset, from the per-image counts each row stores
-POOLED = {"segmentation": _segmentation_pooled, "open_vocab": _open_vocab_pooled}
-
-
-def dataset_scores(con, run_key: str, protocol_key: str, metric: str) -> Optional[dict]:
-    """The dataset-level numbers of one (method entry, metric protocol) from its stored rows
-    (``None`` for metrics that have none, or rows without counts)."""
-    from .store import decode_f32
-
-    if metric not in POOLED:
-        return None
-    rows = []
-    for blob, target, value in con.execute("SELECT curve, target, value FROM results WHERE run_key=? AND "
-                                           "protocol_key=? AND curve IS NOT NULL AND xs IS NULL",
-                                           (run_key, protocol_key)):
-        rows.append((decode_f32(blob), int(target), 0.0 if value is None else float(value)))
-    if not rows:
-        return None
-    try:
-        return POOLED[metric](rows)
-    except InputError:
-        return None
-
-
-def dataset_scores_markdown(con, table) -> str:
-    """A markdown table of the dataset-level numbers (segmentation pixel accuracy / mIoU / mAP as
-    ``imagenet_seg_eval.py``, open-vocabulary p-mIoU) of every row of the report ``table``; ``""`` if none."""
-    metric_of = dict(con.execute("SELECT protocol_key, metric FROM protocols"))
-    cols: list = []
-    cells: dict = {}
-    for c in table.cols:
-        pk = table.col_keys[c]
-        for r in table.rows:
-            s = dataset_scores(con, table.row_keys[r], pk, metric_of.get(pk, ""))
-            for name, v in (s or {}).items():
-                col = f"{c} {name}"
-                if col not in cols:
-                    cols.append(col)
-                cells[(r, col)] = v
-    if not cols:
-        return ""
-    lines = ["", "Dataset-level scores (pooled over all images as the papers report them; higher is better):", "",
-             "| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for r in table.rows:
-        lines.append(f"| {r} | " + " | ".join(f"{cells[(r, c)]:.4f}" if (r, c) in cells else "–" for c in cols) + " |")
-    return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..errors import InputError
+from .shards import SHARD_DIR
 
 FOLDER_LOCK = "bench.lock"
 
@@ -99,7 +100,7 @@ class RunLock:
 
     def _refuse(self, path: Path, info: Optional[dict], alive: Optional[bool]) -> LockedError:
         what = "another vitlens bench run is using" if path == self.path else "a conflicting run is using"
-        where = self.path.parent.parent if self.path.parent.name == "shards" else self.path.parent
+        where = self.path.parent.parent if self.path.parent.name == SHARD_DIR else self.path.parent
         tail = ("; wait for it to finish or stop it" if alive else
                 f"; it cannot be checked from this host: if no run is active there, delete {path}")
         return LockedError(f"{what} {where}: {describe(path, info)}{tail}.")
@@ -183,5 +184,5 @@ def lock_paths(out: Path, shard_suffix: str) -> tuple[Path, Callable[[], list[Pa
     """
     out = Path(out)
     if not shard_suffix:
-        return out / FOLDER_LOCK, lambda: sorted((out / "shards").glob("results.shard-*.lock"))
-    return out / "shards" / f"results{shard_suffix}.lock", lambda: [out / FOLDER_LOCK]
+        return out / FOLDER_LOCK, lambda: sorted((out / SHARD_DIR).glob("results.shard-*.lock"))
+    return out / SHARD_DIR / f"results{shard_suffix}.lock", lambda: [out / FOLDER_LOCK]

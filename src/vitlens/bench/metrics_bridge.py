@@ -1,4 +1,5 @@
-"""How the runner calls metrics: registry lookup, protocol keys, data arguments, result normalisation."""
+"""How the runner calls metrics: registry lookup, protocol keys, data arguments, result normalisation
+(values, curves and their abscissa, the counts of pooled metrics)."""
 from __future__ import annotations
 
 import inspect
@@ -8,6 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .._params import check_param_names
 from ..errors import InputError
 from ..metrics.base import available_metrics, get_metric
 from .store import key_of
@@ -61,10 +63,9 @@ class BoundMetric:
         out["xs"] = None if xs is None else _np(xs).reshape(-1)
         out["protocol"] = dict(getattr(res, "protocol", None) or {})  # as run: defaults resolved, rules named
         counts = (getattr(res, "extras", None) or {}).get("counts")
-        if curves is None and counts is not None:
-            # per-image counts of dataset-level metrics (segmentation mIoU, open-vocabulary p-mIoU) go into
-            # the row's curve column with no xs (integers, exact in float32); see datasets.dataset_scores
-            out["curves"], out["xs"] = _np(counts), None
+        # per-image counts of pooled metrics (segmentation mIoU, open-vocabulary p-mIoU): the rows' counts
+        # column (integers, exact in float32); see .pooled
+        out["counts"] = None if counts is None else _np(counts)
         return out
 
 
@@ -94,10 +95,7 @@ def bind(name: str, overrides: Optional[dict] = None) -> BoundMetric:
                          f"provide (it provides: {', '.join(DATA_KWARGS)}).")
     accepts = frozenset(inspect.signature(info.fn).parameters)
     protocol = {k: v for k, v in info.defaults.items() if k not in DATA_KWARGS + METHOD_KWARGS}
-    unknown = set(overrides) - set(protocol)
-    if unknown:
-        raise InputError(f"unknown protocol parameter(s) for metric '{name}': {', '.join(sorted(unknown))}; "
-                         f"it accepts: {', '.join(sorted(protocol)) or 'none'}.")
+    check_param_names(overrides, protocol, owner=f"metric '{name}'")
     protocol.update(overrides)
     key = key_of(dict(metric=name, protocol=protocol)) if metric == name else \
         key_of(dict(metric=metric, label=name, protocol=protocol))

@@ -1,16 +1,16 @@
-"""The benchmark's SQLite store: maps, per-image metric rows, run descriptions and image metadata.
-
-Durability: every database is opened in WAL mode with ``synchronous=FULL``; each batch of maps and
-each batch of metric rows is written in one transaction (``BEGIN IMMEDIATE ... COMMIT``), so a process
-killed at any moment (``kill -9`` included) leaves every committed batch intact and the file
-consistent; an interrupted transaction is rolled back by SQLite on the next open.
+"""The benchmark's SQLite store: maps, per-image metric rows, run descriptions and image metadata
+(the tables, their migration and the durability settings: :mod:`.schema`; merging shard files:
+:mod:`.shards`).
 
 Keys: a *run key* hashes everything that determines a map (model, weights, model arguments, method,
 its parameters, seed, target rule); a *protocol key* hashes a metric's full protocol (defaults filled
 in). Rows are unique on ``(run_key, image_id, metric, protocol_key)``, so runs with different
 parameters never mix, and merging shard files is an idempotent ``INSERT OR IGNORE``.
 
-Maps are stored as zlib-compressed float16 arrays; curves as zlib-compressed float32.
+Maps are stored as zlib-compressed float16 arrays (the raw native-resolution maps of a run, under its run key
+plus :data:`RAW_SUFFIX`, as float32); curves and the counts of pooled metrics as zlib-compressed float32.
+A run key can be renamed in place (:meth:`Store.rename_run`: a folder of an earlier release resumes under
+the key the current parameters give, see :mod:`.legacy_keys`).
 
 Background writer (:meth:`Store.start_writer`, used by the bench loop; ``VITLENS_BENCH_WRITER=0`` turns it
 off): ``put_maps``/``put_results``/``put_errors``/``clear_image_errors`` hand their rows to one thread
@@ -36,44 +36,15 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from ..errors import VitlensError
+from .schema import Transaction, connect
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS runs (
-  run_key TEXT PRIMARY KEY, label TEXT, model TEXT, weights TEXT, method TEXT, method_params TEXT,
-  target_rule TEXT, seed INTEGER, model_info TEXT, version TEXT, created REAL);
-CREATE TABLE IF NOT EXISTS protocols (
-  protocol_key TEXT PRIMARY KEY, metric TEXT, protocol TEXT, higher_is_better INTEGER);
-CREATE TABLE IF NOT EXISTS metric_names (label TEXT PRIMARY KEY, metric TEXT);
-CREATE TABLE IF NOT EXISTS images (
-  image_id TEXT PRIMARY KEY, path TEXT, label INTEGER, synset TEXT, coverage REAL);
-CREATE TABLE IF NOT EXISTS maps (
-  run_key TEXT, image_id TEXT, target INTEGER, shape TEXT, map BLOB, seconds REAL, version TEXT,
-  created REAL, PRIMARY KEY (run_key, image_id));
-CREATE TABLE IF NOT EXISTS results (
-  run_key TEXT, image_id TEXT, metric TEXT, protocol_key TEXT, model TEXT, method TEXT, value REAL,
-  curve BLOB, xs BLOB, target INTEGER, method_params TEXT, protocol TEXT, version TEXT, seconds REAL,
-  created REAL, PRIMARY KEY (run_key, image_id, metric, protocol_key));
-CREATE TABLE IF NOT EXISTS errors (
-  image_id TEXT, stage TEXT, run_key TEXT, metric TEXT, protocol_key TEXT, label TEXT, message TEXT,
-  version TEXT, created REAL, PRIMARY KEY (image_id, stage, run_key, protocol_key));
-"""
-TABLES = ("meta", "runs", "protocols", "metric_names", "images", "maps", "results", "errors")
-#: ``metric_names``: a metric label of the results (``insertion_black``) -> the registered metric it runs
-#: (``insertion``), for the report's value ranges and definitions.
-#: ``errors.stage``: the image could not be read ("image"), a method raised on it ("method"), a metric
-#: raised on it ("metric"). ``run_key``/``protocol_key`` are "" where they do not apply. An error row is
-#: removed when the same work later succeeds (:func:`resolve_errors`); failed work is retried by the
-#: next run (it is not "done").
-STAGES = ("image", "method", "metric")
-_RESOLVE = (
-    "DELETE FROM errors WHERE stage='method' AND EXISTS (SELECT 1 FROM maps m WHERE m.run_key=errors.run_key "
-    "AND m.image_id=errors.image_id)",
-    "DELETE FROM errors WHERE stage='metric' AND EXISTS (SELECT 1 FROM results r WHERE r.run_key=errors.run_key "
-    "AND r.image_id=errors.image_id AND r.protocol_key=errors.protocol_key)",
-    "DELETE FROM errors WHERE stage='image' AND EXISTS (SELECT 1 FROM maps m WHERE m.image_id=errors.image_id "
-    "AND m.created > errors.created)",
-)
+#: the folder's database (every shard merged into it)
+MAIN_DB = "results.sqlite"
+#: the ``results`` columns in the order :meth:`Store.put_results` writes them
+RESULT_COLUMNS = ("run_key, image_id, metric, protocol_key, model, method, value, curve, xs, target, method_params, "
+                  "protocol, version, seconds, created, counts")
+#: run key suffix of the raw native-resolution maps (float32) in the maps table
+RAW_SUFFIX = ":raw"
 
 
 def _jsonable(v: Any) -> Any:
@@ -118,37 +89,12 @@ def encode_f32(a: Optional[np.ndarray]) -> Optional[bytes]:
     return zlib.compress(np.ascontiguousarray(np.asarray(a, dtype=np.float32)).tobytes(), 6)
 
 
+def _f32(a) -> Optional[np.ndarray]:
+    return None if a is None else np.array(a, dtype=np.float32)
+
+
 def decode_f32(blob: Optional[bytes]) -> Optional[np.ndarray]:
     return None if blob is None else np.frombuffer(zlib.decompress(blob), dtype=np.float32)
-
-
-def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
-    """Open (and create) a store database with the durability settings above."""
-    path = Path(path)
-    if readonly:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60, isolation_level=None)
-        return con
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(str(path), timeout=60, isolation_level=None)  # autocommit; explicit BEGINs
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    con.execute("PRAGMA busy_timeout=60000")
-    con.executescript(SCHEMA)
-    return con
-
-
-class Transaction:
-    """``with Transaction(con):`` runs the block in ``BEGIN IMMEDIATE ... COMMIT`` (rollback on error)."""
-
-    def __init__(self, con: sqlite3.Connection):
-        self.con = con
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.con.execute("BEGIN IMMEDIATE")
-        return self.con
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.con.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
 class StoreWriteError(VitlensError, RuntimeError):
@@ -214,7 +160,8 @@ class Store:
     def __init__(self, path: Path, also: Sequence[Path] = ()):
         self.path = Path(path)
         self.con = connect(self.path)
-        self.readers = [connect(p, readonly=True) for p in also if Path(p).exists() and Path(p) != self.path]
+        self.also = [Path(p) for p in also if Path(p).exists() and Path(p) != self.path]
+        self.readers = [connect(p, readonly=True) for p in self.also]
         self._writer: Optional[_Writer] = None
         self._lock = threading.Lock()
         self._pending_maps: dict[tuple[str, str], tuple[int, np.ndarray]] = {}  # queued, not yet committed
@@ -339,21 +286,22 @@ class Store:
         return out
 
     def put_results(self, rows: Sequence[dict]) -> None:
+        """Metric rows: dicts with the ``results`` columns; ``curve``/``xs`` (a curve metric) and ``counts``
+        (a pooled metric's per-image counts) are arrays or absent."""
         now = time.time()
         # everything but the compression is built here (the caller's dicts and arrays may change later)
         vals = [[r["run_key"], r["image_id"], r["metric"], r["protocol_key"], r["model"], r["method"],
                  None if r["value"] is None or not np.isfinite(r["value"]) else float(r["value"]),
-                 None if r.get("curve") is None else np.array(r["curve"], dtype=np.float32),
-                 None if r.get("xs") is None else np.array(r["xs"], dtype=np.float32), int(r["target"]),
-                 canonical(r["method_params"]), canonical(r["protocol"]), r["version"], r["seconds"], now]
-                for r in rows]
+                 _f32(r.get("curve")), _f32(r.get("xs")), int(r["target"]),
+                 canonical(r["method_params"]), canonical(r["protocol"]), r["version"], r["seconds"], now,
+                 _f32(r.get("counts"))] for r in rows]
         marks = [(r["run_key"], r["metric"], r["protocol_key"], r["image_id"]) for r in rows]
 
         def job(con: sqlite3.Connection) -> None:
             for v in vals:
-                v[7], v[8] = encode_f32(v[7]), encode_f32(v[8])
+                v[7], v[8], v[15] = encode_f32(v[7]), encode_f32(v[8]), encode_f32(v[15])
             with Transaction(con) as c:
-                c.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                c.executemany(f"INSERT OR REPLACE INTO results ({RESULT_COLUMNS}) VALUES ({','.join('?' * 16)})",
                               [tuple(v) for v in vals])
                 c.executemany("DELETE FROM errors WHERE stage='metric' AND run_key=? AND image_id=? "
                               "AND protocol_key=?", [(v[0], v[1], v[3]) for v in vals])
@@ -409,40 +357,43 @@ class Store:
                                                "protocol_key=?", (run_key, metric, protocol_key)))
         return out
 
+    # -- run keys of earlier releases (see .legacy_keys) ----------------------------------------------------
+    def has_run(self, run_key: str) -> bool:
+        """Whether any of the databases describes run ``run_key``."""
+        return any(c.execute("SELECT 1 FROM runs WHERE run_key=?", (run_key,)).fetchone() for c in self._all())
 
-def resolve_errors(con: sqlite3.Connection) -> None:
-    """Drop error rows whose work has since succeeded (e.g. in another shard or a later run)."""
-    with Transaction(con) as c:
-        for q in _RESOLVE:
-            c.execute(q)
+    def runs_of(self, method: str) -> dict[str, dict]:
+        """run key -> stored parameters of every run of ``method`` in the databases."""
+        out: dict[str, dict] = {}
+        for c in self._all():
+            for k, p in c.execute("SELECT run_key, method_params FROM runs WHERE method=?", (method,)):
+                out.setdefault(k, json.loads(p))
+        return out
 
-
-def merge_into(main: Path, shards: Sequence[Path], remove: bool = True) -> int:
-    """Copy every row of the shard databases into ``main`` (``INSERT OR IGNORE``, one transaction per
-    shard); delete each shard file after its rows are committed. Returns the number of shards merged."""
-    con = connect(main)
-    n = 0
-    try:
-        for s in shards:
-            s = Path(s)
-            if not s.exists() or s.resolve() == Path(main).resolve():
-                continue
-            connect(s).close()  # checkpoint-safe open: creates missing tables in an empty shard
-            con.execute("ATTACH DATABASE ? AS shard", (str(s),))
+    def rename_run(self, old: str, new: str, params: dict, label: Optional[str] = None) -> int:
+        """Give run ``old`` the key ``new`` (and its raw maps ``new + RAW_SUFFIX``) in ``runs``, ``maps``,
+        ``results`` and ``errors`` of every database holding it, one transaction per database, and record
+        ``params`` as its parameters (and ``label`` as its label). Rows already stored under ``new`` win
+        over ``old``'s copies of the same work. Returns the number of maps renamed (raw maps not counted).
+        Call it before any write of the run."""
+        self.flush()
+        n = 0
+        for path in [self.path, *self.also]:
+            con = self.con if path == self.path else connect(path)
             try:
                 with Transaction(con) as c:
-                    for t in TABLES:
-                        verb = "INSERT OR REPLACE" if t == "meta" else "INSERT OR IGNORE"
-                        c.execute(f"{verb} INTO main.{t} SELECT * FROM shard.{t}")
+                    if not c.execute("SELECT 1 FROM runs WHERE run_key=?", (old,)).fetchone():
+                        continue
+                    n += c.execute("SELECT COUNT(*) FROM maps WHERE run_key=?", (old,)).fetchone()[0]
+                    for table in ("runs", "maps", "results", "errors"):
+                        pairs = [(old, new)] + ([(old + RAW_SUFFIX, new + RAW_SUFFIX)] if table == "maps" else [])
+                        for o, k in pairs:
+                            c.execute(f"UPDATE OR IGNORE {table} SET run_key=? WHERE run_key=?", (k, o))
+                            c.execute(f"DELETE FROM {table} WHERE run_key=?", (o,))
+                    for table, col in (("runs", "label"), ("results", "method")):
+                        c.execute(f"UPDATE {table} SET method_params=?, {col}=coalesce(?, {col}) WHERE run_key=?",
+                                  (canonical(params), label, new))
             finally:
-                con.execute("DETACH DATABASE shard")
-            n += 1
-            resolve_errors(con)
-            if remove:
-                for suffix in ("", "-wal", "-shm"):
-                    p = Path(str(s) + suffix)
-                    if p.exists():
-                        p.unlink()
-    finally:
-        con.close()
-    return n
+                if con is not self.con:
+                    con.close()
+        return n

@@ -205,13 +205,14 @@ def test_max_sensitivity_tis_code_equals_captum_on_raw_maps(tiny_vit, images):
     params = dict(discard_ratio=0.5)
     res = ms(tiny_vit, images, torch.zeros(2, IMG, IMG), [1, 2], method="rollout", method_params=params,
              radius=r, n_samples=n, seed=seed, protocol="tis_code")
-    noise = torch.empty(2 * n, 3, IMG, IMG).uniform_(-r, r, generator=torch.Generator().manual_seed(seed))
+    # each image's n draws come from a generator seeded with ``seed`` (Captum on a batch of one image)
+    noise = torch.empty(n, 3, IMG, IMG).uniform_(-r, r, generator=torch.Generator().manual_seed(seed))
 
     def raw(x):
         return vitlens.explain(tiny_vit, x, method="rollout", target=0, normalise=False, **params).token_maps
 
     for b in range(2):
-        draws = iter(noise[b * n:(b + 1) * n])
+        draws = iter(noise)
 
         def perturb(inputs, perturb_radius=r):
             d = next(draws)[None]

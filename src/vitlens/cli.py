@@ -1,4 +1,4 @@
-"""Command-line interface: ``vitlens explain | methods | demo | bench | report``.
+"""Command-line interface: ``vitlens explain | methods | demo | bench | report | app``.
 
 Every error is one line on stderr (``vitlens: error: ...``) naming the input and what to do, with exit
 code 2 (usage and input errors) or 1 (an unexpected failure, a bug: run again with ``--debug`` for the
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vitlens {_version()}",
                    help="print the vitlens version and exit")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{explain,methods,demo,bench,report}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{explain,methods,demo,bench,report,app}")
 
     e = sub.add_parser("explain", help="explain images with one method; writes overlay PNGs and .npy maps",
                        description="Explain images with one method; writes OUT/<name>_<method>.png (overlay) and "
@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_bench_parser(sub)
         add_report_parser(sub)
+    from .app.cli import add_app_parser
+
+    add_app_parser(sub, _add_model_args)
     return p
 
 

@@ -75,4 +75,5 @@ def cmd_app(args) -> int:
         pass
     finally:
         demo.close()
+        explorer.close()
     return 0

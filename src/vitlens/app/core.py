@@ -159,8 +159,16 @@ class Explorer:
         self.lock = threading.RLock()        # the caches (held briefly: an overlay redraw never waits for a method)
         self.model_lock = threading.RLock()  # the model (one computation at a time)
         self.clean_forwards = 0
+        self._own_dir = out_dir is None
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="vitlens-app-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        """Remove the download files (the folder, when the explorer created it)."""
+        import shutil
+
+        if self._own_dir:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ model facts
     @property

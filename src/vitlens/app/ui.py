@@ -95,7 +95,8 @@ def build_app(explorer: Explorer, bench=None, *, default_methods=DEFAULT_METHODS
     sub_default = del_defaults.get("substrate") or "blur"
     steps_default = int(del_defaults.get("n_steps", 224))
 
-    with gr.Blocks(title=title or "vitlens", fill_width=True) as demo:
+    # delete_cache: Gradio's copies of the images and downloads, hourly when older than a day, and at exit
+    with gr.Blocks(title=title or "vitlens", fill_width=True, delete_cache=(3600, 86400)) as demo:
         state = gr.State({"image": None, "results": [], "curves": None})
         gr.Markdown(f"### vitlens · {explorer.adapter.describe()}")
         status = gr.HTML("", elem_id="status")
@@ -413,6 +414,9 @@ def launch(explorer: Explorer, bench=None, *, host: str = "127.0.0.1", port: Opt
     if block:
         try:
             demo.block_thread()
+        except KeyboardInterrupt:
+            pass
         finally:
             demo.close()
+            explorer.close()
     return demo, url

@@ -1,4 +1,4 @@
-"""Command-line interface: ``vitlens explain | methods | demo | bench | report``.
+"""Command-line interface: ``vitlens explain | methods | demo | bench | report | app``.
 
 Every error is one line on stderr (``vitlens: error: ...``) naming the input and what to do, with exit
 code 2 (usage and input errors) or 1 (an unexpected failure, a bug: run again with ``--debug`` for the
@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 
 from ._params import INT_TEXT
 from .cli_common import OneLineParser, UsageError, run_main  # noqa: F401 (UsageError: re-exported)
+from .cli_common import check_device as _check_device
+from .cli_common import load_from_args as _load
 from .errors import InputError, VitlensError
 
 #: Lighter settings used by ``vitlens demo`` (paper defaults with ``--full``): the demo must finish in
@@ -65,20 +67,6 @@ def _parse_target(t: Optional[str]):
     return t
 
 
-def _check_device(device: Optional[str]) -> str:
-    import torch
-
-    from .models.loading import check_device
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        check_device(device)
-    except InputError as e:
-        raise InputError(f"--device {device}: {str(e).split(': ', 1)[-1]}") from None
-    return device
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from .models import DEFAULT_MODEL, WEIGHTS_ENV
 
@@ -89,12 +77,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         f"set {WEIGHTS_ENV}=/path/to/models or pass this); 'random' for an untrained model")
     p.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
-
-
-def _load(args):
-    from .models import load_model
-
-    return load_model(args.model, weights=args.weights, device=_check_device(args.device))
 
 
 # ----------------------------------------------------------------------------- explain
@@ -247,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vitlens {_version()}",
                    help="print the vitlens version and exit")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{explain,methods,demo,bench,report}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{explain,methods,demo,bench,report,app}")
 
     e = sub.add_parser("explain", help="explain images with one method; writes overlay PNGs and .npy maps",
                        description="Explain images with one method; writes OUT/<name>_<method>.png (overlay) and "
@@ -292,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_bench_parser(sub)
         add_report_parser(sub)
+    from .app.cli import add_app_parser
+
+    add_app_parser(sub, _add_model_args)
     return p
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from .errors import VitlensError
+from .errors import InputError, VitlensError
 
 
 class UsageError(VitlensError):
@@ -67,3 +67,25 @@ def run_main(build_parser: Callable[[], argparse.ArgumentParser], argv: Optional
         print(f"{prog}: error: unexpected {type(e).__name__}: {one_line(e)} "
               "(run again with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+def check_device(device: Optional[str]) -> str:
+    """The ``--device`` value checked (one line naming it), ``None``/``auto``: cuda when available, else cpu."""
+    import torch
+
+    from .models.loading import check_device as check_torch_device
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        check_torch_device(device)
+    except InputError as e:
+        raise InputError(f"--device {device}: {str(e).split(': ', 1)[-1]}") from None
+    return device
+
+
+def load_from_args(args):
+    """The model of ``--model``/``--weights``/``--device`` (what ``explain``, ``demo`` and ``app`` load)."""
+    from .models import load_model
+
+    return load_model(args.model, weights=args.weights, device=check_device(args.device))
